@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+CORES ?= 2
+PRESET ?= demo
+
+.PHONY: demo test venv sysdeps lint format ui clean-results
+
+# Virtual environment with the project (editable) and its pinned stack; rebuilt when pyproject changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Debian packages: archive tools (RAR via unar + bsdtar). Installs only what is missing.
+sysdeps:
+	scripts/install-system-deps.sh
+
+demo: venv sysdeps
+	$(BIN)/snakemake --cores $(CORES) --config preset=$(PRESET)
+	@cat results/summary.md
+
+test: venv sysdeps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/snakemake --lint
+
+format: venv
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# MLflow UI on the embedded SQLite store.
+ui: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

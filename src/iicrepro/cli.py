@@ -1,0 +1,82 @@
+"""`iicrepro <step>`: one entry point, one subcommand per pipeline step.
+
+Snakemake rules, DVC stages, tests and users all call the steps the same way. Each step lives in the
+module that implements it, which provides ``add_arguments(parser)`` and ``main(args)``; a module is
+imported only when its step runs, so ``--help`` and light steps stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# step name -> (module, one-line help). Order = pipeline order.
+STEPS: dict[str, tuple[str, str]] = {
+    "synthesize": ("iicrepro.data.synthetic", "write the synthetic motion dataset as archives"),
+    "fetch": ("iicrepro.data.fetch", "download a dataset's archives (resumable, verified)"),
+    "extract": ("iicrepro.data.archives", "safely extract downloaded archives (zip, tar, rar)"),
+    "splits": ("iicrepro.data.splits", "official split files -> one manifest CSV per split"),
+    "frames": ("iicrepro.data.frames", "decode every video once into a per-video frame store"),
+    "flow": ("iicrepro.data.flow", "TV-L1 optical flow (u, v) into a per-video store"),
+    "pretrain": ("iicrepro.train.pretrain", "self-supervised IIC pretraining (resumable)"),
+    "retrieve": ("iicrepro.evaluate.retrieval", "nearest-neighbour video retrieval top-k"),
+    "finetune": ("iicrepro.train.finetune", "fine-tune for action recognition and test"),
+    "report": ("iicrepro.report", "results table beside the paper, plots, MLflow summary"),
+    "models": ("iicrepro.models", "list backbones with parameter counts"),
+    "import-upstream": ("iicrepro.models.upstream", "convert an upstream IIC/VCOP checkpoint"),
+    "bench": ("iicrepro.bench", "throughput and memory benchmarks"),
+}
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every step shares for reading params.yaml."""
+    g = parser.add_argument_group("settings")
+    g.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    g.add_argument("--preset", default=None, help="preset to apply (default: params.yaml 'preset')")
+    g.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override one base setting, e.g. --set pretrain.epochs=2 (repeatable)",
+    )
+
+
+def settings_from_args(args: argparse.Namespace):
+    from iicrepro import config
+
+    return config.load(args.params, args.preset, args.set)
+
+
+def build_parser(step: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iicrepro",
+        description="IIC reproduction pipeline. Each step is one subcommand; "
+        "`iicrepro STEP --help` shows its options.",
+    )
+    sub = parser.add_subparsers(dest="step", metavar="STEP", required=True)
+    for name, (module, help_text) in STEPS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == step:
+            mod = importlib.import_module(module)
+            add_settings_arguments(p)
+            mod.add_arguments(p)
+            p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    step = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(step if step in STEPS else None)
+    args = parser.parse_args(argv)
+    from iicrepro.errors import UserError
+
+    try:
+        rc = args._main(args)
+    except UserError as exc:
+        print(f"iicrepro {args.step}: error: {exc}", file=sys.stderr)
+        return 1
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""Where every pipeline artefact lives: one function per kind of path.
+
+Snakemake rules, DVC stages and the Python steps all take their paths from here, so a path is spelled
+once. Outputs are keyed by the settings that made them, e.g.
+``results/pretrain/synthetic/r3d-residual-repeat-s0/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+INITS = ("iic", "cmc", "random")
+
+
+def _data(settings: Any) -> Path:
+    return Path(settings["paths"]["data"])
+
+
+def _results(settings: Any) -> Path:
+    return Path(settings["paths"]["results"])
+
+
+def downloads(settings: Any, dataset: str) -> Path:
+    """Downloaded archives, verified (``<file>`` plus ``<file>.sha256``)."""
+    return _data(settings) / "downloads" / dataset
+
+
+def synthetic_source(settings: Any) -> Path:
+    """Where `iicrepro synthesize` writes the synthetic dataset's archives (served as file://)."""
+    return _data(settings) / "synthetic-source"
+
+
+def raw(settings: Any, dataset: str) -> Path:
+    """Extracted archives of one dataset (videos and official split files)."""
+    return _data(settings) / "raw" / dataset
+
+
+def manifests(settings: Any, dataset: str) -> Path:
+    return _data(settings) / "manifests" / dataset
+
+
+def manifest(settings: Any, dataset: str, split: int) -> Path:
+    """CSV with columns video,class,label,subset (video = '<Class>/<name>.avi')."""
+    return manifests(settings, dataset) / f"split{split}.csv"
+
+
+def frame_store(settings: Any, dataset: str) -> Path:
+    """Per-video frame files plus index.csv and failures.csv."""
+    return _data(settings) / "frames" / dataset
+
+
+def flow_store(settings: Any, dataset: str) -> Path:
+    """Per-video TV-L1 flow files, one sub-store per component: u/ and v/."""
+    return _data(settings) / "flow" / dataset
+
+
+def intra_negative_or_init(intra_negative: str | None, init: str) -> str:
+    """The run-name slot: the intra-negative for pretrained models, 'random' for random init."""
+    return "random" if init == "random" else str(intra_negative)
+
+
+def run_name(backbone: str, view: str, intra_negative: str, seed: int) -> str:
+    """Model identity used in every path and MLflow run name, e.g. 'r3d-residual-repeat-s0'.
+
+    `intra_negative` is 'repeat' / 'shuffle' (IIC), 'none' (CMC) or 'random' (no pretraining).
+    """
+    return f"{backbone}-{view}-{intra_negative}-s{seed}"
+
+
+def init_of(intra_negative: str) -> str:
+    """The `init` column of the results table for a run-name slot."""
+    return {"none": "cmc", "random": "random"}.get(intra_negative, "iic")
+
+
+def pretrain_dir(settings: Any, backbone: str, view: str, intra_negative: str, seed: int) -> Path:
+    """checkpoint.pt (final), ckpt/last.pt (resume), init.pt (epoch-0 weights), metrics.csv/json."""
+    dataset = settings["pretrain"]["dataset"]
+    return _results(settings) / "pretrain" / dataset / run_name(backbone, view, intra_negative, seed)
+
+
+def retrieval_dir(settings: Any, dataset: str, run: str) -> Path:
+    """features/*.npz (cached), metrics.json."""
+    return _results(settings) / "retrieval" / dataset / run
+
+
+def finetune_dir(settings: Any, dataset: str, split: int, run: str) -> Path:
+    """ckpt/last.pt, best.pt, metrics.csv (per epoch), metrics.json (test)."""
+    return _results(settings) / "finetune" / dataset / f"split{split}" / run
+
+
+def summary_csv(settings: Any) -> Path:
+    return _results(settings) / "summary.csv"
+
+
+def summary_md(settings: Any) -> Path:
+    return _results(settings) / "summary.md"
+
+
+def plots(settings: Any) -> Path:
+    return _results(settings) / "plots"
