@@ -7,6 +7,7 @@ once. Outputs are keyed by the settings that made them, e.g.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,26 @@ def init_of(intra_negative: str) -> str:
     return {"none": "cmc", "random": "random"}.get(intra_negative, "iic")
 
 
+_RUN_RE = re.compile(
+    r"^(?P<backbone>[a-z0-9]+)-(?P<view>[a-z]+)-(?P<intra_negative>[a-z]+)-s(?P<seed>\d+)"
+    r"(?:-(?P<variant>[A-Za-z0-9_.-]+))?$"
+)
+
+
+def parse_run_name(name: str) -> dict | None:
+    """Inverse of `run_name`, allowing a '-<variant>' suffix (e.g. '-bnrecal'); None if no match."""
+    m = _RUN_RE.match(name)
+    if not m:
+        return None
+    d = m.groupdict()
+    return {
+        **d,
+        "seed": int(d["seed"]),
+        "variant": d["variant"] or "",
+        "init": init_of(d["intra_negative"]),
+    }
+
+
 def pretrain_dir(settings: Any, backbone: str, view: str, intra_negative: str, seed: int) -> Path:
     """checkpoint.pt (final), ckpt/last.pt (resume), init.pt (epoch-0 weights), metrics.csv/json."""
     dataset = settings["pretrain"]["dataset"]
@@ -99,3 +120,8 @@ def summary_md(settings: Any) -> Path:
 
 def plots(settings: Any) -> Path:
     return _results(settings) / "plots"
+
+
+def mlflow_pending(settings: Any) -> Path:
+    """Run folders whose MLflow logging failed (server down), one JSON line each; `report` retries."""
+    return _results(settings) / ".mlflow-pending.jsonl"
