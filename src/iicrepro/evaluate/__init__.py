@@ -1,0 +1,1 @@
+"""Evaluation of learned representations: nearest-neighbour retrieval and recognition accuracy."""
