@@ -1,0 +1,1 @@
+"""Datasets: registry, download, extraction, splits, synthetic data, frames, clips."""

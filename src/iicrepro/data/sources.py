@@ -1,0 +1,167 @@
+"""Dataset registry: which archives make up each dataset and where their contents land.
+
+UCF101 and HMDB51 come from their official servers (spec 2.1, 2.2), optionally from mirrors listed
+in params.yaml (``download.mirrors.<dataset>``, tried first). The synthetic dataset is written
+locally by `iicrepro synthesize` and fetched through the same download / verify / extract path
+from ``file://`` URLs.
+
+Sizes and checksums are recorded only where they are known. Where they are not, `fetch` records
+the sha256 of the first verified download next to the file and holds later downloads to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from iicrepro import layout
+from iicrepro.errors import UserError
+
+DATASETS = ("ucf101", "hmdb51", "synthetic")
+ROLES = ("videos", "splits")
+
+# File names `iicrepro synthesize` writes into layout.synthetic_source(settings).
+SYNTHETIC_VIDEOS_ZIP = "synthetic_videos.zip"  # top folder SyntheticMotion/
+SYNTHETIC_SPLITS_ZIP = "synthetic_splits.zip"  # top folder synthTrainTestlist/
+SYNTHETIC_SUMS = "SHA256SUMS"  # sha256sum format
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One downloadable archive of a dataset.
+
+    `into` is the folder, relative to ``layout.raw(settings, dataset)``, that the archive is
+    extracted into; `nested` means the archive holds further RARs to be extracted in turn.
+    """
+
+    role: str  # "videos" | "splits"
+    url: str  # official URL
+    filename: str
+    size: int | None = None
+    sha256: str | None = None
+    nested: bool = False
+    into: str = ""
+    mirrors: tuple[str, ...] = ()  # full URLs, tried before `url`
+
+    def urls(self) -> list[str]:
+        """Download candidates in order: mirrors first, then the official URL."""
+        return [*self.mirrors, self.url]
+
+
+# Official archives (spec 2.1, 2.2). The servers publish no checksums, so none are pinned here.
+_OFFICIAL: dict[str, tuple[Archive, ...]] = {
+    "ucf101": (
+        # ~6.5 GB RAR 4 archive holding UCF-101/<Class>/v_<Class>_gXX_cYY.avi
+        Archive("videos", "https://www.crcv.ucf.edu/data/UCF101/UCF101.rar", "UCF101.rar"),
+        # zip holding ucfTrainTestlist/{classInd,trainlist0N,testlist0N}.txt
+        Archive(
+            "splits",
+            "https://www.crcv.ucf.edu/data/UCF101/UCF101TrainTestSplits-RecognitionTask.zip",
+            "UCF101TrainTestSplits-RecognitionTask.zip",
+        ),
+    ),
+    "hmdb51": (
+        # ~2 GB RAR of 51 per-class RARs (<class>.rar holding <class>/*.avi)
+        Archive(
+            "videos",
+            "http://serre-lab.clps.brown.edu/wp-content/uploads/2013/10/hmdb51_org.rar",
+            "hmdb51_org.rar",
+            nested=True,
+            into="videos",
+        ),
+        # RAR holding testTrainMulti_7030_splits/<class>_test_split{1,2,3}.txt
+        Archive(
+            "splits",
+            "http://serre-lab.clps.brown.edu/wp-content/uploads/2013/10/test_train_splits.rar",
+            "test_train_splits.rar",
+        ),
+    ),
+}
+
+# Folders (relative to layout.raw) that hold the extracted contents, per dataset and role.
+_ROOTS = {
+    "ucf101": {"videos": "UCF-101", "splits": "ucfTrainTestlist"},
+    "hmdb51": {"videos": "videos", "splits": "testTrainMulti_7030_splits"},
+    "synthetic": {"videos": "SyntheticMotion", "splits": "synthTrainTestlist"},
+}
+
+
+def _check_dataset(dataset: str) -> None:
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+
+
+def archive_filenames(dataset: str) -> dict[str, str]:
+    """role -> archive file name, without touching the disk (for workflow wiring)."""
+    _check_dataset(dataset)
+    if dataset == "synthetic":
+        return {"videos": SYNTHETIC_VIDEOS_ZIP, "splits": SYNTHETIC_SPLITS_ZIP}
+    return {a.role: a.filename for a in _OFFICIAL[dataset]}
+
+
+def read_sha256sums(path: Path) -> dict[str, str]:
+    """Parse a `sha256sum` listing ("<hex>  <name>" or "<hex> *<name>") into name -> hex."""
+    sums = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, _, name = line.strip().partition(" ")
+        sums[name.strip().lstrip("*")] = digest.lower()
+    return sums
+
+
+def _synthetic_archives(settings: Any) -> tuple[Archive, ...]:
+    source = layout.synthetic_source(settings)
+    sums_path = source / SYNTHETIC_SUMS
+    names = {"videos": SYNTHETIC_VIDEOS_ZIP, "splits": SYNTHETIC_SPLITS_ZIP}
+    missing = [p for p in [sums_path, *(source / n for n in names.values())] if not p.is_file()]
+    if missing:
+        raise UserError(
+            "the synthetic dataset has not been written yet (missing "
+            + ", ".join(str(p) for p in missing)
+            + "): run `iicrepro synthesize` first (same --params/--preset/--set options)"
+        )
+    sums = read_sha256sums(sums_path)
+    out = []
+    for role, name in names.items():
+        if name not in sums:
+            raise UserError(
+                f"{sums_path} lists no checksum for {name}: run `iicrepro synthesize` again"
+            )
+        path = (source / name).resolve()
+        out.append(Archive(role, path.as_uri(), name, path.stat().st_size, sums[name]))
+    return tuple(out)
+
+
+def archives(settings: Any, dataset: str) -> list[Archive]:
+    """The dataset's archives, each with its mirror URLs from ``download.mirrors.<dataset>``."""
+    _check_dataset(dataset)
+    found = _synthetic_archives(settings) if dataset == "synthetic" else _OFFICIAL[dataset]
+    bases = (settings["download"]["mirrors"] or {}).get(dataset) or []
+    return [
+        replace(a, mirrors=tuple(base.rstrip("/") + "/" + a.filename for base in bases))
+        for a in found
+    ]
+
+
+def extract_target(settings: Any, dataset: str, archive: Archive) -> Path:
+    """The folder an archive is extracted into."""
+    root = layout.raw(settings, dataset)
+    return root / archive.into if archive.into else root
+
+
+def content_root(settings: Any, dataset: str, role: str) -> Path:
+    """The folder an archive of `role` ("videos" or "splits") produces once extracted."""
+    _check_dataset(dataset)
+    return layout.raw(settings, dataset) / _ROOTS[dataset][role]
+
+
+def video_root(settings: Any, dataset: str) -> Path:
+    """The folder holding ``<Class>/<video>.avi`` after extraction."""
+    return content_root(settings, dataset, "videos")
+
+
+def splits_root(settings: Any, dataset: str) -> Path:
+    """The folder holding the official split files after extraction."""
+    return content_root(settings, dataset, "splits")

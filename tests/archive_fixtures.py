@@ -1,0 +1,321 @@
+"""Test helpers for downloads and archives.
+
+* `FileServer`: a loopback HTTP server (127.0.0.1, random port, own thread) that serves files from
+  a folder, honours ``Range: bytes=N-`` (206 / 416) and injects faults on request: drop the
+  connection part-way through a body, answer 500, ignore Range, or serve different bytes.
+* `write_rar4`: a RAR 4 writer for the "stored" method (no compression), so tests can feed real
+  RAR archives to the real `unar` without a RAR compressor.
+* `write_rar5`: the same for the RAR 5 format, for the `bsdtar` path.
+* `write_zip`, `write_tar`: small builders that also allow hostile member names.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import struct
+import tarfile
+import threading
+import time
+import zipfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# --------------------------------------------------------------------------------------------------
+# HTTP server with Range support and fault injection
+
+
+@dataclass
+class Faults:
+    """What the server does wrong; each counter is consumed by one request."""
+
+    drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before a drop
+    status_once: dict[str, list[int]] = field(default_factory=dict)  # path -> statuses to answer
+    ignore_range: set[str] = field(default_factory=set)  # answer 200 with the whole body
+    replace_body: dict[str, bytes] = field(default_factory=dict)  # serve these bytes instead
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format, *args):  # keep test output quiet
+        pass
+
+    def _body(self) -> bytes | None:
+        path = self.path.split("?", 1)[0]
+        faults = self.server.faults
+        if path in faults.replace_body:
+            return faults.replace_body[path]
+        f = self.server.root / path.lstrip("/")
+        return f.read_bytes() if f.is_file() and ".." not in path else None
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        faults = self.server.faults
+        self.server.requests.append((path, self.headers.get("Range")))
+        statuses = faults.status_once.get(path)
+        if statuses:
+            self.send_error(statuses.pop(0))
+            return
+        body = self._body()
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and path not in faults.ignore_range:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        payload = body[start:]
+        drop = faults.drop_after.pop(path, None)
+        if drop is not None:
+            self.wfile.write(payload[:drop])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(payload)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root = root
+        self.faults = Faults()
+        self.requests: list[tuple[str, str | None]] = []
+
+
+class FileServer:
+    """``with FileServer(folder) as srv: srv.url("name")``; `srv.faults` and `srv.requests`."""
+
+    def __init__(self, root: Path):
+        self._server = _Server(Path(root))
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def faults(self) -> Faults:
+        return self._server.faults
+
+    @property
+    def requests(self) -> list[tuple[str, str | None]]:
+        """(path, Range header or None) per GET, in order."""
+        return self._server.requests
+
+    def url(self, name: str) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/{name}"
+
+    def __enter__(self) -> FileServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Archive entries shared by the writers
+
+
+@dataclass
+class Entry:
+    """One archive member: a file (`data`), a directory, or a symlink to `link`."""
+
+    name: str
+    data: bytes = b""
+    kind: str = "file"  # file | dir | symlink
+    link: str = ""
+    claimed_size: int | None = None  # RAR 4 only: unpacked size to write in the header
+
+
+def _entries(items: Iterable[Entry] | dict[str, bytes]) -> list[Entry]:
+    if isinstance(items, dict):
+        return [Entry(name, data) for name, data in items.items()]
+    return list(items)
+
+
+def _dos_time(t: float) -> int:
+    lt = time.localtime(t)
+    date = ((lt.tm_year - 1980) << 9) | (lt.tm_mon << 5) | lt.tm_mday
+    return (date << 16) | (lt.tm_hour << 11) | (lt.tm_min << 5) | (lt.tm_sec // 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# RAR 4 ("RAR 1.5-4.x" format), stored method
+#
+# Every block starts with a 7-byte base header, little-endian:
+#   HEAD_CRC u16   low 16 bits of CRC32 over the header bytes from HEAD_TYPE to the header's end
+#   HEAD_TYPE u8   0x72 marker, 0x73 archive header, 0x74 file header, 0x7B end of archive
+#   HEAD_FLAGS u16 0x8000 = ADD_SIZE follows (a data area comes after the header)
+#   HEAD_SIZE u16  size of the whole header, base header included
+# The marker block is the fixed signature ``Rar!\x1a\x07\x00`` (a block whose "CRC" is 0x6152).
+# Archive header: base header + RESERVED1 u16 + RESERVED2 u32 (13 bytes, flags 0: not solid,
+# not a volume, no comment, no encryption).
+# File header: base header (flags 0x8000, plus 0x00E0 for a directory) then
+#   PACK_SIZE u32, UNP_SIZE u32, HOST_OS u8 (3 = Unix), FILE_CRC u32 (CRC32 of the data),
+#   FTIME u32 (MS-DOS date/time), UNP_VER u8 (20 = 2.0), METHOD u8 (0x30 = stored),
+#   NAME_SIZE u16, ATTR u32 (Unix st_mode for host 3), [HIGH_PACK_SIZE u32, HIGH_UNP_SIZE u32
+#   when flag 0x0100 marks sizes over 4 GiB], FILE_NAME (bytes, '\\' separators, as RAR 4
+#   writes on every host),
+# followed by PACK_SIZE bytes of data. A Unix symlink is a file whose mode is S_IFLNK and whose
+# data is the link target.
+# End of archive: a base header of type 0x7B with flags 0x4000, size 7.
+
+RAR4_SIGNATURE = b"Rar!\x1a\x07\x00"
+
+
+def _rar4_block(head_type: int, flags: int, body: bytes) -> bytes:
+    rest = struct.pack("<BHH", head_type, flags, 7 + len(body)) + body
+    return struct.pack("<H", zlib.crc32(rest) & 0xFFFF) + rest
+
+
+def rar4_bytes(items: Iterable[Entry] | dict[str, bytes], mtime: float = 1.6e9) -> bytes:
+    out = [RAR4_SIGNATURE, _rar4_block(0x73, 0, struct.pack("<HI", 0, 0))]
+    for e in _entries(items):
+        if e.kind == "dir":
+            data, mode, flags = b"", 0o40755, 0x8000 | 0x00E0
+        elif e.kind == "symlink":
+            data, mode, flags = e.link.encode(), 0o120777, 0x8000
+        else:
+            data, mode, flags = e.data, 0o100644, 0x8000
+        name = e.name.replace("/", "\\").encode()
+        unp = len(data) if e.claimed_size is None else e.claimed_size
+        if unp > 0xFFFFFFFF:
+            flags |= 0x0100
+        header = struct.pack(
+            "<IIBIIBBHI",
+            len(data),
+            unp & 0xFFFFFFFF,
+            3,
+            zlib.crc32(data),
+            _dos_time(mtime),
+            20,
+            0x30,
+            len(name),
+            mode,
+        )
+        if flags & 0x0100:
+            header += struct.pack("<II", 0, unp >> 32)
+        out += [_rar4_block(0x74, flags, header + name), data]
+    out.append(_rar4_block(0x7B, 0x4000, b""))
+    return b"".join(out)
+
+
+def write_rar4(path: Path, items: Iterable[Entry] | dict[str, bytes]) -> Path:
+    path.write_bytes(rar4_bytes(items))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# RAR 5, stored method
+#
+# Signature ``Rar!\x1a\x07\x01\x00``. Every header: CRC32 u32 (over the bytes from the size field
+# on), HEADER_SIZE vint (bytes from the type field to the header's end), HEADER_TYPE vint
+# (1 main, 2 file, 5 end of archive), HEADER_FLAGS vint (0x0002 = a data area follows, with its
+# size as a vint after the flags), then the type's fields. vint = 7 bits per byte, low bits
+# first, high bit = more bytes follow.
+# File header fields: FILE_FLAGS vint (0x0001 directory, 0x0004 data CRC32 present),
+# UNPACKED_SIZE vint, ATTRIBUTES vint (Unix mode), [DATA_CRC32 u32], COMPRESSION vint
+# (0 = version 0, stored), HOST_OS vint (1 = Unix), NAME_LENGTH vint, NAME (UTF-8, '/').
+
+
+def _vint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _rar5_block(head_type: int, flags: int, fields: bytes, data_size: int | None = None) -> bytes:
+    body = _vint(head_type) + _vint(flags)
+    if data_size is not None:
+        body += _vint(data_size)
+    body += fields
+    sized = _vint(len(body)) + body
+    return struct.pack("<I", zlib.crc32(sized)) + sized
+
+
+def rar5_bytes(items: Iterable[Entry] | dict[str, bytes]) -> bytes:
+    out = [b"Rar!\x1a\x07\x01\x00", _rar5_block(1, 0, _vint(0))]
+    for e in _entries(items):
+        if e.kind == "symlink":
+            raise ValueError("the RAR 5 writer does not write symlinks")
+        is_dir = e.kind == "dir"
+        data = b"" if is_dir else e.data
+        name = e.name.encode()
+        fields = (
+            _vint(0x0001 if is_dir else 0x0004)
+            + _vint(len(data))
+            + _vint(0o40755 if is_dir else 0o100644)
+            + (b"" if is_dir else struct.pack("<I", zlib.crc32(data)))
+            + _vint(0)
+            + _vint(1)
+            + _vint(len(name))
+            + name
+        )
+        out += [_rar5_block(2, 0x0002, fields, len(data)), data]
+    out.append(_rar5_block(5, 0, _vint(0)))
+    return b"".join(out)
+
+
+def write_rar5(path: Path, items: Iterable[Entry] | dict[str, bytes]) -> Path:
+    path.write_bytes(rar5_bytes(items))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# zip and tar builders that accept any member name
+
+
+def write_zip(path: Path, items: Iterable[Entry] | dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for e in _entries(items):
+            info = zipfile.ZipInfo(e.name + ("/" if e.kind == "dir" else ""))
+            if e.kind == "symlink":
+                info.external_attr = 0o120777 << 16
+                zf.writestr(info, e.link)
+            else:
+                info.external_attr = (0o40755 if e.kind == "dir" else 0o100644) << 16
+                zf.writestr(info, e.data)
+    return path
+
+
+def write_tar(path: Path, items: Iterable[Entry] | dict[str, bytes], mode: str = "w") -> Path:
+    """`mode` "w" for plain tar, "w:gz" for tar.gz. `kind` may also be "hardlink"."""
+    with tarfile.open(path, mode) as tf:
+        for e in _entries(items):
+            info = tarfile.TarInfo(e.name)
+            info.mtime = 1_600_000_000
+            if e.kind == "dir":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(info)
+            elif e.kind in ("symlink", "hardlink"):
+                info.type = tarfile.SYMTYPE if e.kind == "symlink" else tarfile.LNKTYPE
+                info.linkname = e.link
+                tf.addfile(info)
+            else:
+                info.size = len(e.data)
+                tf.addfile(info, io.BytesIO(e.data))
+    return path
