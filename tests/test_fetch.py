@@ -147,6 +147,12 @@ def test_damaged_dest_is_fetched_again(served):
     dest.write_bytes(b"x" + data[1:])
     assert download(srv.url(name), dest, **FAST).read_bytes() == data
     assert len(srv.requests) == 2
+    # A changed known checksum (e.g. a regenerated synthetic archive) also means a new download.
+    srv.faults.replace_body[f"/{name}"] = b"new version"
+    assert download(srv.url(name), dest, sha256=sha(b"new version"), **FAST).read_bytes() == (
+        b"new version"
+    )
+    assert not (out / f"{name}.corrupt").exists()
 
 
 def test_not_enough_space_is_refused_before_downloading(served):

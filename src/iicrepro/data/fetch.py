@@ -9,7 +9,8 @@ at ``<dest>`` is always complete and verified.
 Checksums: a known sha256 (from the registry) is authoritative. Without one, the sha256 of the first
 verified download is recorded in ``<dest>.sha256`` (trust on first use) and later downloads must
 match it. A file that fails verification is moved to ``<dest>.corrupt`` (kept for inspection,
-replaced by the next failure) and the next run downloads from zero.
+replaced by the next failure) and the next run downloads from zero. A finished ``<dest>`` that no
+longer matches (changed on disk, or its known checksum changed) is deleted and downloaded again.
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ def download(
                 write_text(_suffixed(dest, ".sha256"), f"{digest}  {dest.name}\n")
             return dest
         # Changed on disk since it was verified, or the known checksum changed: fetch it anew.
-        os.replace(dest, _suffixed(dest, ".corrupt"))
+        dest.unlink()
 
     scheme = urlparse(url).scheme
     if scheme not in ("http", "https", "file"):
