@@ -1,0 +1,72 @@
+# IIC reproduction: download -> extract -> splits -> frames -> pretrain -> retrieval + fine-tuning
+# -> results table beside the paper. This file only wires; each rule calls one `iicrepro <step>`.
+#
+#   snakemake --cores 2                          the preset named in params.yaml (demo)
+#   snakemake --cores 2 --config preset=paper    another preset
+#   snakemake --profile slurm                    on a Slurm cluster (profile: ./slurm)
+
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The one source of every knob; common.smk resolves the preset and validates the result.
+configfile: "params.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+wildcard_constraints:
+    dataset=DATASETS,
+    backbone=BACKBONES,
+    view=VIEWS,
+    # an intra-negative for pretrained models, or `random` for the untrained baseline
+    neg=f"{INTRA_NEGATIVES}|random",
+    seed=r"\d+",
+    split=r"\d+",
+    archive=ARCHIVE_NAMES,
+
+
+onstart:
+    print(f"iicrepro: preset {PRESET}, {len(pretrained_runs())} pretrained models")
+
+
+onsuccess:
+    print(f"iicrepro: done; results table in {layout.summary_md(SETTINGS)}")
+
+
+onerror:
+    print(
+        "iicrepro: a step failed; its log under logs/<rule>/ says why (see the error above)"
+    )
+
+
+rule all:
+    """The preset's whole grid: the results table and everything it depends on."""
+    default_target: True
+    input:
+        layout.summary_md(SETTINGS),
+
+
+rule data:
+    """Manifests and decoded frames (and flow) of every dataset the preset uses."""
+    input:
+        data_targets(),
+
+
+rule models:
+    """Every pretrained model of the preset's grid."""
+    input:
+        model_targets(),
+
+
+rule evaluation:
+    """Retrieval and fine-tuning metrics of every model, random init included."""
+    input:
+        evaluation_targets(),

@@ -1,0 +1,284 @@
+"""Wiring shared by the workflow phases: the resolved settings, the preset grid and every path.
+
+Paths come only from `iicrepro.layout` (and the archive names from `iicrepro.data.sources`), so the
+rules, the DVC stages and the Python steps spell each path once. The steps read params.yaml
+themselves; the workflow resolves the same file with the same preset to build the DAG.
+"""
+
+import re
+from pathlib import Path
+
+import yaml
+
+from iicrepro import config as iic_config
+from iicrepro import layout
+from iicrepro.data import sources
+
+PARAMS = "params.yaml"
+
+
+def _changed_keys(given, written, prefix=""):
+    """Dotted keys whose value in the Snakemake config differs from the one in params.yaml."""
+    if isinstance(given, dict) and isinstance(written, dict):
+        keys = sorted(set(given) | set(written))
+        return [
+            k
+            for key in keys
+            for k in _changed_keys(given.get(key), written.get(key), f"{prefix}{key}.")
+        ]
+    return [] if given == written else [prefix.rstrip(".")]
+
+
+def _resolve_settings():
+    """Validate the settings and stop, naming the bad key, before any job starts."""
+    settings = iic_config.resolve(config, config.get("preset"))
+    written = yaml.safe_load(Path(PARAMS).read_text()) or {}
+    stray = [k for k in _changed_keys(config, written) if k != "preset"]
+    if stray:
+        raise iic_config.ConfigError(
+            f"--config sets {', '.join(stray)}: only `preset` may be chosen on the command line, "
+            f"because every step reads {PARAMS}; edit {PARAMS} (or `dvc exp run -S KEY=VALUE`)."
+        )
+    return settings
+
+
+SETTINGS = _resolve_settings()
+PRESET = SETTINGS.preset
+
+
+# ------------------------------------------------------------------------------ vocabulary
+def _enum(name):
+    """Alternatives of a schema enum as a wildcard regex: the vocabulary is defined once."""
+    schema = yaml.safe_load(Path(iic_config.SCHEMA_PATH).read_text())
+    return "|".join(schema["$defs"][name]["enum"])
+
+
+DATASETS = _enum("dataset")
+BACKBONES = _enum("backbone")
+VIEWS = _enum("view")
+INTRA_NEGATIVES = _enum("intra_negative")
+ARCHIVE_NAMES = "|".join(
+    re.escape(name)
+    for d in sources.DATASETS
+    for name in sources.archive_filenames(d).values()
+)
+FLOW_VIEWS = ("u", "v")
+# layout.run_name as a wildcard pattern
+RUN = layout.run_name("{backbone}", "{view}", "{neg}", "{seed}")
+BNRECAL_RUN = f"{RUN}-bnrecal"  # random init, BatchNorm statistics recalibrated
+
+
+def log_file(step, *parts):
+    """logs/<step>/<wildcards>.log: one log per job, named like its outputs."""
+    return str(Path("logs", step, *parts[:-1], f"{parts[-1]}.log"))
+
+
+# ------------------------------------------------------------------------------ the grid
+def pretrained_runs():
+    """(backbone, view, intra_negative, seed) of every model the preset pretrains."""
+    p = SETTINGS.pretrain
+    return [
+        (b, v, n, s)
+        for b in p.backbones
+        for v in p.views
+        for n in p.intra_negatives
+        for s in p.seeds
+    ]
+
+
+def random_source():
+    """The pretraining run whose init.pt (epoch-0 weights) is the random-init baseline."""
+    negs = SETTINGS.pretrain.intra_negatives
+    return "repeat" if "repeat" in negs else negs[0]
+
+
+def all_runs():
+    """Every evaluated model: the pretrained ones plus one random init per backbone/view/seed."""
+    p = SETTINGS.pretrain
+    randoms = [
+        (b, v, "random", s) for b in p.backbones for v in p.views for s in p.seeds
+    ]
+    return pretrained_runs() + randoms
+
+
+def finetune_runs():
+    """Models fine-tuned: those whose init (iic, cmc, random) the preset lists."""
+    return [r for r in all_runs() if layout.init_of(r[2]) in SETTINGS.finetune.inits]
+
+
+def needed_datasets():
+    """Datasets whose data the preset uses: pretraining, retrieval and fine-tuning."""
+    names = [
+        SETTINGS.pretrain.dataset,
+        *SETTINGS.retrieval.datasets,
+        *SETTINGS.finetune.datasets,
+    ]
+    return list(dict.fromkeys(names))
+
+
+# ------------------------------------------------------------------------------ paths
+def download(dataset, archive):
+    return str(layout.downloads(SETTINGS, dataset) / archive)
+
+
+def archives(wildcards):
+    """The downloaded archives of a dataset, one fetch job each."""
+    names = sources.archive_filenames(wildcards.dataset).values()
+    return [download(wildcards.dataset, name) for name in names]
+
+
+def archive_role(wildcards):
+    """The role (videos, splits) of an archive file name, for `fetch --only`."""
+    roles = sources.archive_filenames(wildcards.dataset)
+    return next(role for role, name in roles.items() if name == wildcards.archive)
+
+
+def raw(dataset):
+    """Extracted archives; rerunning an interrupted extraction starts it afresh."""
+    return str(layout.raw(SETTINGS, dataset))
+
+
+def manifest(dataset, split):
+    return str(layout.manifest(SETTINGS, dataset, split))
+
+
+def manifests(dataset):
+    """split1.csv .. split3.csv: the splits step writes all three official splits."""
+    return [manifest(dataset, k) for k in (1, 2, 3)]
+
+
+def frame_index(dataset):
+    return str(layout.frame_store(SETTINGS, dataset) / "index.csv")
+
+
+def flow_index(dataset):
+    return str(layout.flow_store(SETTINGS, dataset) / "index.csv")
+
+
+def pretrain_dir(backbone, view, neg, seed):
+    return layout.pretrain_dir(SETTINGS, backbone, view, neg, seed)
+
+
+def pretrain_file(name):
+    """Output pattern of a pretraining file: checkpoint.pt (final) or init.pt (epoch 0)."""
+    return str(pretrain_dir("{backbone}", "{view}", "{neg}", "{seed}") / name)
+
+
+def retrieval_dir(dataset, run):
+    return str(layout.retrieval_dir(SETTINGS, dataset, run))
+
+
+def retrieval_metrics(dataset, run):
+    return str(Path(retrieval_dir(dataset, run)) / "metrics.json")
+
+
+def finetune_dir(dataset, split, run):
+    return str(layout.finetune_dir(SETTINGS, dataset, split, run))
+
+
+def finetune_metrics(dataset, split, run):
+    return str(Path(finetune_dir(dataset, split, run)) / "metrics.json")
+
+
+# ------------------------------------------------------------------------------ rule inputs
+def view_inputs(dataset, view):
+    """Decoded data a model reads for `view`: frames, plus the flow store for u and v."""
+    files = [frame_index(dataset)]
+    if view in FLOW_VIEWS:
+        files.append(flow_index(dataset))
+    return files
+
+
+def fetch_inputs(wildcards):
+    """The synthetic dataset is fetched (file://) from the archives `synthesize` wrote."""
+    if wildcards.dataset == "synthetic":
+        return str(layout.synthetic_source(SETTINGS) / sources.SYNTHETIC_SUMS)
+    return []
+
+
+def pretrain_inputs(wildcards):
+    d = SETTINGS.pretrain.dataset
+    return [manifest(d, SETTINGS.pretrain.split), *view_inputs(d, wildcards.view)]
+
+
+def model_checkpoint(wildcards):
+    """checkpoint.pt of a pretrained model; for `random`, the epoch-0 weights of the same seed."""
+    w = wildcards
+    if w.neg == "random":
+        return str(
+            pretrain_dir(w.backbone, w.view, random_source(), w.seed) / "init.pt"
+        )
+    return str(pretrain_dir(w.backbone, w.view, w.neg, w.seed) / "checkpoint.pt")
+
+
+def retrieval_inputs(wildcards):
+    return [
+        manifest(wildcards.dataset, SETTINGS.retrieval.split),
+        *view_inputs(wildcards.dataset, wildcards.view),
+    ]
+
+
+def recalibration_inputs(wildcards):
+    """BN recalibration also reads the pretraining dataset's training clips."""
+    return retrieval_inputs(wildcards) + pretrain_inputs(wildcards)
+
+
+def finetune_inputs(wildcards):
+    return [
+        manifest(wildcards.dataset, wildcards.split),
+        *view_inputs(wildcards.dataset, wildcards.view),
+    ]
+
+
+def init_name(wildcards):
+    """The finetune step's --init for a run-name slot: iic, cmc or random."""
+    return layout.init_of(wildcards.neg)
+
+
+def settings_of(*sections):
+    """The resolved sections a step's results depend on: Snakemake reruns a job when they change
+    (rerun trigger `params`), since the steps read params.yaml rather than a Snakemake input.
+    """
+    return {name: SETTINGS[name] for name in sections}
+
+
+# ------------------------------------------------------------------------------ targets
+def data_targets():
+    """Manifests, frame stores and (for u/v) flow stores of every dataset the preset uses."""
+    views = {*SETTINGS.pretrain.views}
+    files = []
+    for d in needed_datasets():
+        files += manifests(d)
+        files += [frame_index(d)] + ([flow_index(d)] if views & set(FLOW_VIEWS) else [])
+    return files
+
+
+def model_targets():
+    files = [str(pretrain_dir(*r) / "checkpoint.pt") for r in pretrained_runs()]
+    files += [str(pretrain_dir(*r) / "init.pt") for r in pretrained_runs()]
+    return files
+
+
+def retrieval_targets():
+    files = []
+    for d in SETTINGS.retrieval.datasets:
+        for r in all_runs():
+            run = layout.run_name(*r)
+            files.append(retrieval_metrics(d, run))
+            if r[2] == "random":
+                files.append(retrieval_metrics(d, f"{run}-bnrecal"))
+    return files
+
+
+def finetune_targets():
+    f = SETTINGS.finetune
+    return [
+        finetune_metrics(d, k, layout.run_name(*r))
+        for d in f.datasets
+        for k in f.splits
+        for r in finetune_runs()
+    ]
+
+
+def evaluation_targets():
+    return retrieval_targets() + finetune_targets()

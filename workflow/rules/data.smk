@@ -1,0 +1,113 @@
+# Data phase: synthesize (synthetic only) -> fetch -> extract -> splits -> frames (-> flow for u/v).
+
+
+rule synthesize:
+    """Write the synthetic motion dataset as archives, served to `fetch` from file:// URLs."""
+    output:
+        layout.synthetic_source(SETTINGS) / sources.SYNTHETIC_SUMS,
+    log:
+        log_file("synthesize", "synthetic"),
+    conda:
+        "../envs/iicrepro.yaml"
+    threads: 2
+    params:
+        preset=PRESET,
+        settings=settings_of("synthetic"),
+    shell:
+        "iicrepro synthesize --params params.yaml --preset {params.preset}"
+        " --workers {threads} > {log} 2>&1"
+
+
+rule fetch:
+    """Download one archive of a dataset (resumable, checksummed); one job per archive."""
+    input:
+        fetch_inputs,
+    output:
+        download("{dataset}", "{archive}"),
+    log:
+        log_file("fetch", "{dataset}", "{archive}"),
+    conda:
+        "../envs/iicrepro.yaml"
+    threads: 1
+    params:
+        preset=PRESET,
+        role=archive_role,
+    shell:
+        "iicrepro fetch --params params.yaml --preset {params.preset}"
+        " {wildcards.dataset} --only {params.role} --no-progress > {log} 2>&1"
+
+
+rule extract:
+    """Safely extract a dataset's archives (zip, tar, rar, nested rar); an interrupted
+    extraction starts afresh."""
+    input:
+        archives,
+    output:
+        directory(raw("{dataset}")),
+    log:
+        log_file("extract", "{dataset}"),
+    conda:
+        "../envs/iicrepro.yaml"
+    threads: 1
+    params:
+        preset=PRESET,
+    shell:
+        "iicrepro extract --params params.yaml --preset {params.preset}"
+        " {wildcards.dataset} > {log} 2>&1"
+
+
+rule splits:
+    """Official split files -> split{1,2,3}.csv manifests."""
+    input:
+        raw("{dataset}"),
+    output:
+        manifests("{dataset}"),
+    log:
+        log_file("splits", "{dataset}"),
+    conda:
+        "../envs/iicrepro.yaml"
+    threads: 1
+    params:
+        preset=PRESET,
+    shell:
+        "iicrepro splits --params params.yaml --preset {params.preset}"
+        " {wildcards.dataset} > {log} 2>&1"
+
+
+rule frames:
+    """Decode every listed video once into the per-video frame store (resumes per video)."""
+    input:
+        raw("{dataset}"),
+        manifests("{dataset}"),
+    output:
+        frame_index("{dataset}"),
+    log:
+        log_file("frames", "{dataset}"),
+    conda:
+        "../envs/iicrepro.yaml"
+    threads: 2
+    params:
+        preset=PRESET,
+        settings=settings_of("frames"),
+    shell:
+        "iicrepro frames --params params.yaml --preset {params.preset}"
+        " {wildcards.dataset} --workers {threads} > {log} 2>&1"
+
+
+rule flow:
+    """TV-L1 optical flow (u, v) into a per-video store; only the u and v views need it."""
+    input:
+        frame_index("{dataset}"),
+    output:
+        flow_index("{dataset}"),
+    log:
+        log_file("flow", "{dataset}"),
+    conda:
+        "../envs/iicrepro.yaml"
+    threads: 4
+    params:
+        preset=PRESET,
+        settings=settings_of("frames"),
+    shell:
+        "iicrepro flow --params params.yaml --preset {params.preset}"
+        " {wildcards.dataset} > {log} 2>&1"

@@ -1,0 +1,35 @@
+# Report phase: the results table beside the paper's numbers, plots, MLflow summary.
+
+
+rule report:
+    """Aggregate every metrics file into summary.csv / summary.md and plots."""
+    input:
+        model_targets(),
+        evaluation_targets(),
+    output:
+        csv=report(
+            layout.summary_csv(SETTINGS),
+            category="Results",
+            caption="../report/summary.rst",
+        ),
+        md=report(
+            layout.summary_md(SETTINGS),
+            category="Results",
+            caption="../report/summary.rst",
+        ),
+        plots=report(
+            directory(layout.plots(SETTINGS)),
+            patterns=["{name}.png"],
+            category="Plots",
+            caption="../report/plots.rst",
+        ),
+    log:
+        log_file("report", "summary"),
+    conda:
+        "../envs/iicrepro.yaml"
+    threads: 1
+    params:
+        preset=PRESET,
+        settings=settings_of("pretrain", "retrieval", "finetune"),
+    shell:
+        "iicrepro report --params params.yaml --preset {params.preset} > {log} 2>&1"
