@@ -1,0 +1,476 @@
+"""Fine-tuning for action recognition, then the video-level test (spec 11): `iicrepro finetune`.
+
+The backbone is built with a linear head and initialised from one of our checkpoints: the pretrained
+``checkpoint.pt`` (init ``iic``/``cmc``) or the same seed's epoch-0 ``init.pt`` (init ``random``).
+Every backbone entry must load (strictly); only the new head is random. Upstream loaded with
+``strict=False`` and so silently trained from scratch on a key mismatch (spec 11, issues #10/#11).
+
+Training follows upstream's ``ft_classify.py``: one random clip and crop per video per epoch; a
+seeded held-out validation subset of the train list that uses the training transforms; SGD with
+momentum and weight decay in two parameter groups (the last two stages and the head at ``ft_lr``,
+the rest at ``lr``); ReduceLROnPlateau on the validation loss; the lowest-validation-loss model
+(``best.pt``) is tested on every test video with ``clips.eval_clips`` centre-cropped clips whose
+logits are averaged (spec 11). The residual input is unscaled, x_t - x_{t-1} (spec 3.3).
+
+Resumable: ``ckpt/last.pt`` (model, optimizer, scheduler, RNG states, epoch, best model so far,
+history) is written atomically every ``finetune.checkpoint_every`` epochs and at the end, and a
+rerun continues from it. Each epoch's sampling is seeded from (seed, epoch), so a resumed run
+repeats the uninterrupted one.
+
+Outputs: ``metrics.csv`` (one row per epoch), ``best.pt``, ``test_predictions.csv`` and
+``metrics.json`` ({"top1": video accuracy %, "clip_top1", "best_epoch", counts, provenance, ...}).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from iicrepro import io, layout
+from iicrepro.errors import UserError
+from iicrepro.train.checkpoint import FORMAT
+
+VIEWS = ("rgb", "residual", "u", "v")
+# Parameters trained at `ft_lr` (spec 11: conv4, conv5 and the head); the rest use `lr`. Matched on
+# the top-level module name, as upstream matched parameter names.
+FT_MODULES = {"r3d18": ("layer3", "layer4", "linear")}
+FT_MODULES_DEFAULT = ("conv4", "conv5", "linear")
+CSV_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "ft_lr")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def model_from_checkpoint(checkpoint: str | Path, num_classes: int, backbone: str | None = None):
+    """Classifier whose backbone is loaded strictly from one of our checkpoints; head random.
+
+    Raises UserError naming every missing, unexpected or mis-shaped backbone entry.
+    """
+    from iicrepro.models import build_backbone
+    from iicrepro.train.checkpoint import load_backbone, load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    if backbone is not None and ckpt.get("backbone") != backbone:
+        raise UserError(
+            f"{checkpoint} holds a {ckpt.get('backbone')} backbone, not {backbone}: pass the "
+            "matching --backbone or checkpoint"
+        )
+    kwargs = {k: v for k, v in (ckpt.get("model_kwargs") or {}).items() if k != "num_classes"}
+    body = build_backbone(ckpt["backbone"], **kwargs)
+    load_backbone(body, checkpoint)  # strict: every backbone entry, names and shapes
+    model = build_backbone(ckpt["backbone"], **kwargs, num_classes=num_classes)
+    result = model.load_state_dict(body.state_dict(), strict=False)
+    expected_missing = set(model.state_dict()) - set(body.state_dict())  # the new head
+    if result.unexpected_keys or set(result.missing_keys) != expected_missing:
+        raise UserError(  # the classifier's backbone must be exactly the headless backbone
+            f"backbone {ckpt['backbone']} with a head does not match its headless form: "
+            f"missing {sorted(set(result.missing_keys) - expected_missing)}, "
+            f"unexpected {sorted(result.unexpected_keys)}"
+        )
+    return model, ckpt
+
+
+def parameter_groups(model, backbone: str, lr: float, ft_lr: float) -> list[dict]:
+    """Two SGD groups: the last two stages and the head at `ft_lr`, the rest at `lr` (spec 11)."""
+    prefixes = FT_MODULES.get(backbone, FT_MODULES_DEFAULT)
+    base, late = [], []
+    for name, p in model.named_parameters():
+        (late if name.split(".")[0].startswith(prefixes) else base).append(p)
+    if not late:
+        raise UserError(f"no {'/'.join(prefixes)} parameters found in backbone {backbone}")
+    return [
+        {"params": base, "lr": lr, "name": "lr"},
+        {"params": late, "lr": ft_lr, "name": "ft_lr"},
+    ]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Sampling seed of one epoch: a resumed run draws the clips of the uninterrupted one."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def hold_out(train, val_size: int, seed: int):
+    """Seeded split of the train list into (train, validation), like torch random_split."""
+    import torch
+
+    if val_size >= len(train):
+        raise UserError(
+            f"finetune.val_size ({val_size}) must be smaller than the {len(train)} usable training "
+            "videos: lower finetune.val_size for this dataset"
+        )
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    val, rest = sorted(perm[:val_size]), sorted(perm[val_size:])
+    return train.iloc[rest].reset_index(drop=True), train.iloc[val].reset_index(drop=True)
+
+
+def prepare_data(settings: Any, dataset: str, split: int, view: str, seed: int) -> dict:
+    """Usable videos of the split: train minus a seeded validation subset, validation, test."""
+    import pandas as pd
+
+    from iicrepro.data.frames import FrameStore
+    from iicrepro.evaluate.retrieval import flow_stores, load_manifest, usable_subset
+
+    val_size = settings["finetune"]["val_size"].get(dataset)
+    if val_size is None:
+        raise UserError(f"finetune.val_size has no entry for {dataset}: add one in params.yaml")
+    store = FrameStore(layout.frame_store(settings, dataset))
+    manifest = load_manifest(settings, dataset, split)
+    flows = flow_stores(settings, dataset, view)
+    train_all, train_counts = usable_subset(settings, manifest, store, "train", flows=flows)
+    test, test_counts = usable_subset(settings, manifest, store, "test", flows=flows)
+    train, val = hold_out(train_all, val_size, seed)
+    classes_csv = layout.manifests(settings, dataset) / "classes.csv"
+    classes = (
+        len(pd.read_csv(classes_csv)) if classes_csv.is_file() else int(manifest["label"].max()) + 1
+    )
+    counts = {"train": len(train), "val": len(val), "test": len(test),
+              "train_list": train_counts, "test_list": test_counts}  # fmt: skip
+    return {"store": store, "flows": flows, "train": train,
+            "val": val, "test": test, "classes": classes, "counts": counts}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- loops
+
+
+def _inputs(batch, view: str, residual_scaled: bool, device, *, clips_per_sample: bool = False):
+    """The model input of a batch (uint8 -> [0, 1] -> view); clips of a video stacked flat."""
+    from iicrepro.method.views import make_view, to_unit
+
+    def unit(x):
+        x = x.flatten(0, 1) if clips_per_sample else x
+        return to_unit(x.to(device, non_blocking=True))
+
+    flow = batch.get("flow")
+    return make_view(
+        unit(batch["video"]), view, flow=None if flow is None else unit(flow),
+        residual_scaled=residual_scaled,
+    )  # fmt: skip
+
+
+def run_epoch(model, loader, view, residual_scaled, device, optimizer=None) -> tuple[float, float]:
+    """One pass; trains when `optimizer` is given. Returns (mean loss, accuracy %)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train(optimizer is not None)
+    total, loss_sum, correct = 0, 0.0, 0
+    with torch.set_grad_enabled(optimizer is not None):
+        for batch in loader:
+            labels = torch.as_tensor(batch["label"], device=device)
+            logits = model(_inputs(batch, view, residual_scaled, device))
+            loss = F.cross_entropy(logits, labels)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            total += len(labels)
+            loss_sum += float(loss.detach()) * len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+    return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
+
+
+def test_logits(model, loader, view, residual_scaled, device):
+    """Clip logits (V, N, C) and labels of every test video, model in eval mode."""
+    import torch
+
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in loader:
+            b, n = batch["video"].shape[:2]
+            x = _inputs(batch, view, residual_scaled, device, clips_per_sample=True)
+            logits.append(model(x).float().reshape(b, n, -1).cpu().numpy())
+            labels.append(np.asarray(batch["label"]))
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def default_run(checkpoint: Path, view: str, seed: int) -> str:
+    """The pretraining run's name (init.pt: its random-init name), suffixed with the fine-tuning
+    input and seed where they differ from the pretraining run's."""
+    from iicrepro.evaluate.retrieval import default_run as pretrain_run
+
+    run = pretrain_run(checkpoint, "as-initialised")
+    parsed = layout.parse_run_name(run) or {}
+    if parsed.get("view") != view:
+        run += f"-ft{view}"
+    if parsed.get("seed") != seed:
+        run += f"-fs{seed}"
+    return run
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _save(path: Path, state: dict) -> None:
+    from iicrepro.train.checkpoint import plain, save_checkpoint
+
+    save_checkpoint(
+        path, {k: plain(v) if k in ("identity", "history") else v for k, v in state.items()}
+    )
+
+
+class Trainer:
+    """Model, optimizer and scheduler of one fine-tuning run, with its resume file (spec 11)."""
+
+    def __init__(self, settings, out: Path, model, ckpt: dict, backbone: str, identity: dict):
+        import torch
+
+        f = settings["finetune"]
+        self.f, self.out, self.model, self.identity = f, out, model, identity
+        self.optimizer = torch.optim.SGD(
+            parameter_groups(model, backbone, f["lr"], f["ft_lr"]),
+            lr=f["lr"], momentum=f["momentum"], weight_decay=f["weight_decay"],
+        )  # fmt: skip
+        p = f["plateau"]
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=p["factor"], patience=p["patience"],
+            min_lr=p["min_lr"],
+        )  # fmt: skip
+        self.head = {"format": FORMAT, "backbone": backbone,
+                     "model_kwargs": {**(ckpt.get("model_kwargs") or {}),
+                                      "num_classes": model.num_classes}}  # fmt: skip
+        self.epoch, self.history = 0, []
+        self.best = {"epoch": 0, "loss": float("inf"), "model": _cpu_state(model)}
+        self.last = out / "ckpt" / "last.pt"
+
+    def resume(self) -> None:
+        """Continue from ckpt/last.pt if it exists and belongs to this run."""
+        from iicrepro.train.checkpoint import load_checkpoint
+        from iicrepro.train.seeding import set_rng_state
+
+        if not self.last.is_file():
+            return
+        state = load_checkpoint(self.last)
+        if state.get("identity") != self.identity:
+            raise UserError(
+                f"{self.last} belongs to a run with other settings or inputs: delete "
+                f"{self.last.parent} to start this fine-tuning over"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+        self.save_best()  # this timeline's best, even if an interrupted run wrote a later one
+        print(f"resuming {self.out} after epoch {self.epoch}")
+
+    def save_best(self) -> None:
+        best = {
+            "model": self.best["model"],
+            "epoch": self.best["epoch"],
+            "val_loss": self.best["loss"],
+        }
+        _save(self.out / "best.pt", {**self.head, **best})
+
+    def checkpoint(self) -> None:
+        from iicrepro.train.seeding import rng_state
+
+        _save(self.last, {
+            **self.head, "identity": self.identity, "epoch": self.epoch,
+            "model": _cpu_state(self.model), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+            "history": self.history, "best": self.best,
+        })  # fmt: skip
+
+    def end_epoch(self, row: dict) -> None:
+        """Scheduler step on the validation loss, best model so far, metrics.csv."""
+        self.scheduler.step(row["val_loss"])
+        row |= {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        self.history.append(row)
+        print(f"epoch {row['epoch']}/{self.f['epochs']} train {row['train_loss']:.4f} "
+              f"({row['train_acc']:.1f}%) val {row['val_loss']:.4f} ({row['val_acc']:.1f}%) "
+              f"lr {row['lr']:.2e}/{row['ft_lr']:.2e}")  # fmt: skip
+        if row["val_loss"] < self.best["loss"]:
+            self.best = {
+                "epoch": self.epoch,
+                "loss": row["val_loss"],
+                "model": _cpu_state(self.model),
+            }
+            self.save_best()
+        lines = [",".join(CSV_COLUMNS)]
+        lines += [",".join(str(r[c]) for c in CSV_COLUMNS) for r in self.history]
+        io.write_text(self.out / "metrics.csv", "\n".join(lines) + "\n")
+
+
+def finetune(
+    settings: Any,
+    *,
+    backbone: str,
+    view: str,
+    init: str,
+    checkpoint: str | Path,
+    dataset: str,
+    split: int,
+    seed: int,
+    out: str | Path | None = None,
+    device: str | None = None,
+    stop_after: int | None = None,
+) -> Path:
+    """Fine-tune and test one model; returns the run folder (metrics.json once finished).
+
+    `stop_after` ends this call after that many epochs (checkpointed), for time-limited jobs.
+    """
+    import torch
+
+    from iicrepro.data.clips import EvalClips, TrainClips
+    from iicrepro.evaluate.recognition import clip_accuracy, video_accuracy, video_predictions
+    from iicrepro.train.checkpoint import load_checkpoint, plain
+    from iicrepro.train.devices import pick_device, pin_memory
+    from iicrepro.train.seeding import seed_everything
+
+    if view not in VIEWS:
+        raise UserError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
+    if init not in layout.INITS:
+        raise UserError(f"unknown init {init!r}; choose one of {', '.join(layout.INITS)}")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        hint = "the seed's init.pt" if init == "random" else "checkpoint.pt"
+        raise UserError(f"checkpoint {checkpoint} not found: pass {hint} of `iicrepro pretrain`")
+    f, c = settings["finetune"], settings["clips"]
+    run = default_run(checkpoint, view, seed)
+    out = Path(out) if out else layout.finetune_dir(settings, dataset, split, run)
+    device = pick_device(device)
+    residual_scaled = f["residual"] == "rescaled"  # spec 3.3: unscaled since upstream 6632296
+    sha = io.sha256_file(checkpoint)
+    data = prepare_data(settings, dataset, split, view, seed)
+    clip_kw = {"clip_len": c["length"], "crop": c["crop"], "flow_stores": data["flows"]}
+    train_ds = TrainClips(data["train"], data["store"], **clip_kw)
+    val_ds = TrainClips(data["val"], data["store"], **clip_kw) if len(data["val"]) else None
+
+    def loader(ds, shuffle: bool, g_seed: int):
+        return torch.utils.data.DataLoader(
+            ds, batch_size=f["batch_size"], shuffle=shuffle, num_workers=f["workers"],
+            generator=torch.Generator().manual_seed(g_seed), pin_memory=pin_memory(device),
+        )  # fmt: skip
+
+    seed_everything(seed)  # the head's initial weights
+    model, ckpt = model_from_checkpoint(checkpoint, data["classes"], backbone)
+    identity = {  # what a resume file must match
+        "backbone": backbone, "view": view, "init": init, "checkpoint_sha256": sha,
+        "dataset": dataset, "split": split, "seed": seed, "finetune": f, "clips": c,
+        "model_kwargs": ckpt.get("model_kwargs"), "train_videos": list(data["train"]["video"]),
+    }  # fmt: skip
+    trainer = Trainer(settings, out, model.to(device), ckpt, backbone, plain(identity))
+    trainer.resume()
+
+    ran = 0
+    while trainer.epoch < f["epochs"] and (stop_after is None or ran < stop_after):
+        trainer.epoch += 1
+        ran += 1
+        s = epoch_seed(seed, trainer.epoch)
+        seed_everything(s)
+        row = {"epoch": trainer.epoch}
+        row["train_loss"], row["train_acc"] = run_epoch(
+            model, loader(train_ds, True, s), view, residual_scaled, device, trainer.optimizer
+        )
+        row["val_loss"], row["val_acc"] = (  # no validation subset: follow the training loss
+            run_epoch(model, loader(val_ds, False, s + 1), view, residual_scaled, device)
+            if val_ds is not None
+            else (row["train_loss"], row["train_acc"])
+        )
+        trainer.end_epoch(row)
+        if (
+            trainer.epoch % f["checkpoint_every"] == 0
+            or trainer.epoch == f["epochs"]
+            or ran == stop_after
+        ):
+            trainer.checkpoint()
+    if trainer.epoch < f["epochs"]:
+        print(f"stopped after epoch {trainer.epoch} of {f['epochs']}; rerun to continue")
+        return out
+
+    # Test the best-validation model: every test video, eval_clips centre crops (spec 11).
+    trainer.save_best()  # also when no epoch improved on the initial weights (non-finite losses)
+    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    test_ds = EvalClips(data["test"], data["store"], clip_len=c["length"], crop=c["crop"],
+                        num_clips=c["eval_clips"], flow_stores=data["flows"])  # fmt: skip
+    logits, labels = test_logits(model, loader(test_ds, False, seed), view, residual_scaled, device)
+    preds = video_predictions(logits)
+    lines = ["video,label,prediction"]
+    lines += [f"{v},{y},{p}" for v, y, p in zip(data["test"]["video"], labels, preds, strict=True)]
+    io.write_text(out / "test_predictions.csv", "\n".join(lines) + "\n")
+    manifest = layout.manifest(settings, dataset, split)
+    metrics = {
+        "top1": video_accuracy(logits, labels), "clip_top1": clip_accuracy(logits, labels),
+        "best_epoch": trainer.best["epoch"], "best_val_loss": trainer.best["loss"],
+        "epochs": f["epochs"], "backbone": backbone, "view": view, "init": init,
+        "dataset": dataset, "split": split, "seed": seed, "num_classes": data["classes"],
+        "residual": f["residual"],
+        "counts": {**data["counts"], "test_clips": int(logits.shape[0] * logits.shape[1])},
+        "checkpoint": {"path": str(checkpoint), "sha256": sha},
+        "provenance": io.provenance(settings, [checkpoint, manifest]),
+    }  # fmt: skip
+    io.write_json(out / "metrics.json", metrics)
+    _log_mlflow(settings, out)
+    return out
+
+
+def _log_mlflow(settings: Any, out: Path) -> None:
+    """Metrics files are the source of truth; tracking is best effort and never fails the job."""
+    try:
+        from iicrepro.track import log_finetune
+
+        log_finetune(settings, out)
+    except Exception as exc:  # noqa: BLE001 - any tracking failure only warns
+        print(f"warning: MLflow logging skipped ({type(exc).__name__}: {exc})")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", required=True, help="c3d, r3d, r21d or r3d18")
+    parser.add_argument("--view", required=True, choices=VIEWS, help="input modality")
+    parser.add_argument(
+        "--init",
+        required=True,
+        choices=layout.INITS,
+        help="iic/cmc: pretrained checkpoint.pt; random: the seed's init.pt",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint to initialise from")
+    parser.add_argument("--dataset", required=True, help="ucf101, hmdb51 or synthetic")
+    parser.add_argument("--split", type=int, required=True, choices=(1, 2, 3))
+    parser.add_argument(
+        "--seed", type=int, required=True, help="validation split and sampling seed"
+    )
+    parser.add_argument("--out", default=None, help="output folder (default: layout)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N epochs of this call (checkpointed; rerun to continue)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from iicrepro.cli import settings_from_args
+
+    settings = settings_from_args(args)
+    out = finetune(
+        settings,
+        backbone=args.backbone,
+        view=args.view,
+        init=args.init,
+        checkpoint=args.checkpoint,
+        dataset=args.dataset,
+        split=args.split,
+        seed=args.seed,
+        out=args.out,
+        device=args.device,
+        stop_after=args.stop_after,
+    )
+    if (out / "metrics.json").is_file():
+        m = io.read_json(out / "metrics.json")
+        print(
+            f"test top1 {m['top1']:.2f} (clip {m['clip_top1']:.2f}), best epoch {m['best_epoch']}"
+        )
+    return 0
