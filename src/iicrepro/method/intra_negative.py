@@ -1,0 +1,60 @@
+"""Intra-negatives: the anchor clip with its temporal structure destroyed (spec 6).
+
+Built per sample from view 1 (the RGB clip), never from view 2. Random draws use the torch RNG
+(an explicit `generator`, or the global one of the clip's device) so a run is reproducible and
+its RNG state can be checkpointed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("repeat", "shuffle", "none")
+CHUNKS = 4  # shuffle splits the clip into 4 consecutive chunks (spec 6)
+
+
+def _randint(low: int, high: int, n: int, x: torch.Tensor, generator) -> torch.Tensor:
+    device = generator.device if generator is not None else x.device
+    return torch.randint(low, high, (n,), device=device, generator=generator).to(x.device)
+
+
+def _take_frames(x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """out[b, :, i] = x[b, :, frames[b, i]] for x of shape B x C x T x H x W."""
+    b, c, _, h, w = x.shape
+    index = frames.view(b, 1, -1, 1, 1).expand(b, c, frames.shape[1], h, w)
+    return torch.gather(x, 2, index)
+
+
+def repeat_frame(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """One random frame t ~ U{0..T-1} per sample, repeated T times: same appearance, no motion."""
+    b, t = x.shape[0], x.shape[2]
+    frames = _randint(0, t, b, x, generator).view(b, 1).expand(b, t)
+    return _take_frames(x, frames)
+
+
+def shuffle_chunks(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Swap exactly one pair of the 4 consecutive chunks per sample: a ~ U{0..3}, b = (a + d)
+    mod 4 with d ~ U{1,2,3}; the order inside each chunk is kept (spec 6: upstream's single swap,
+    not the full permutation of the paper's figure, spec 14.6)."""
+    b, t = x.shape[0], x.shape[2]
+    if t % CHUNKS:
+        raise ValueError(f"shuffle needs a clip length divisible by {CHUNKS}, got {t}")
+    size = t // CHUNKS
+    a = _randint(0, CHUNKS, b, x, generator)
+    other = (a + _randint(1, CHUNKS, b, x, generator)) % CHUNKS
+    order = torch.arange(CHUNKS, device=x.device).repeat(b, 1)
+    rows = torch.arange(b, device=x.device)
+    order[rows, a], order[rows, other] = other, a
+    frames = (order.unsqueeze(2) * size + torch.arange(size, device=x.device)).flatten(1)
+    return _take_frames(x, frames)
+
+
+def intra_negative(x: torch.Tensor, kind: str, generator=None) -> torch.Tensor | None:
+    """The intra-negative clips of a batch B x 3 x T x H x W: repeat | shuffle | none (-> None)."""
+    if kind == "repeat":
+        return repeat_frame(x, generator)
+    if kind == "shuffle":
+        return shuffle_chunks(x, generator)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown intra-negative {kind!r}; choose one of {', '.join(KINDS)}")
