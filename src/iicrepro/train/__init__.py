@@ -1,0 +1,1 @@
+"""Training: self-supervised pretraining, fine-tuning, checkpoints, seeding and devices."""

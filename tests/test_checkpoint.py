@@ -1,0 +1,101 @@
+"""Checkpoints: atomic save, weights-only load, strict backbone loading, RNG state round trip."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from iicrepro.errors import UserError
+from iicrepro.models import build_backbone
+from iicrepro.train.checkpoint import (
+    FORMAT,
+    backbone_state,
+    load_backbone,
+    load_checkpoint,
+    plain,
+    save_checkpoint,
+)
+from iicrepro.train.seeding import rng_state, seed_everything, set_rng_state
+
+KWARGS = {"width": 0.125, "small_input": True}
+
+
+def test_save_load_round_trip(tmp_path):
+    state = {
+        "format": FORMAT,
+        "w": torch.arange(6.0).view(2, 3),
+        "nested": {"epoch": 3, "rows": [{"loss": 1.5}]},
+        "settings": plain({"a": (1, 2)}),
+    }
+    path = save_checkpoint(tmp_path / "sub" / "x.pt", state)
+    back = load_checkpoint(path)
+    assert torch.equal(back["w"], state["w"])
+    assert back["nested"] == state["nested"] and back["settings"] == {"a": [1, 2]}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.pt"]  # no temporary left
+
+
+def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
+    path = tmp_path / "last.pt"
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises
+        save_checkpoint(path, {"w": torch.ones(3), "bad": lambda: None})
+    assert list(tmp_path.iterdir()) == []
+    save_checkpoint(path, {"epoch": 1})
+    with pytest.raises(Exception):  # noqa: B017
+        save_checkpoint(path, {"epoch": 2, "bad": lambda: None})
+    assert load_checkpoint(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_unreadable_or_missing_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    bad = tmp_path / "torn.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(UserError, match="cannot be read"):
+        load_checkpoint(bad)
+
+
+def test_load_backbone_is_strict(tmp_path):
+    torch.manual_seed(0)
+    model = build_backbone("r3d", **KWARGS)
+    path = save_checkpoint(tmp_path / "c.pt", backbone_state(model, "r3d", KWARGS, epoch=7))
+    fresh = build_backbone("r3d", **KWARGS)
+    ckpt = load_backbone(fresh, path)
+    assert ckpt["epoch"] == 7 and ckpt["backbone"] == "r3d" and ckpt["model_kwargs"] == KWARGS
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+    wider = build_backbone("r3d", width=0.25, small_input=True)
+    with pytest.raises(UserError, match="wrong shape"):
+        load_backbone(wider, path)
+    other = build_backbone("c3d", **KWARGS)
+    with pytest.raises(UserError, match="missing"):
+        load_backbone(other, path)
+    save_checkpoint(tmp_path / "raw.pt", model.state_dict())
+    with pytest.raises(UserError, match="not an iicrepro checkpoint"):
+        load_backbone(fresh, tmp_path / "raw.pt")
+
+
+def draws() -> tuple:
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist(), np.random.randn()
+
+
+def test_rng_state_survives_a_checkpoint(tmp_path):
+    seed_everything(11)
+    draws()
+    np.random.randn()  # leave a cached Gaussian in NumPy's state
+    save_checkpoint(tmp_path / "rng.pt", {"rng": rng_state()})
+    expected = draws()
+    seed_everything(99)
+    draws()
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert draws() == expected
+
+
+def test_seed_everything_repeats_the_streams():
+    seed_everything(5)
+    a = draws()
+    seed_everything(5)
+    assert draws() == a
