@@ -1,0 +1,437 @@
+"""`iicrepro pretrain`: self-supervised IIC pretraining of one backbone x view x intra-negative x
+seed (spec 4, 7, 9), resumable.
+
+Outputs in the run folder (`layout.pretrain_dir`):
+    init.pt        epoch-0 weights (the seed's random-init baseline starts from the same weights)
+    ckpt/last.pt   resume state: model, optimizer, schedule position, banks, RNG states, metrics
+    metrics.csv    one row per epoch: epoch, loss, lr, positive_rank1, samples_per_s, seconds
+    metrics.json   final loss beside its chance level, epochs, seconds per epoch, provenance
+    checkpoint.pt  final backbone + banks + settings; written last, so its presence means "done"
+
+A run that finds ckpt/last.pt continues from it; on the CPU the result is bit-identical to an
+uninterrupted run (every random stream is restored, and the learning rate is a pure function of
+the position in the schedule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io as _io
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from iicrepro import io, layout
+from iicrepro.errors import UserError
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ["epoch", "loss", "lr", "positive_rank1", "samples_per_s", "seconds"]
+
+
+# ------------------------------------------------------------------------------------- schedule
+def learning_rate(p: Any, epoch: int, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Learning rate at step `step` of 0-based `epoch`.
+
+    multistep: what upstream ran (spec 9): MultiStepLR stepped after each epoch, so 1-based epoch
+    e trains at lr * gamma^(number of milestones <= e - 1). cosine: per step from lr to 0 over the
+    whole run. constant: lr.
+    """
+    if p["schedule"] == "multistep":
+        return p["lr"] * p["gamma"] ** sum(m <= epoch for m in p["milestones"])
+    if p["schedule"] == "cosine":
+        progress = (epoch * steps_per_epoch + step) / (epochs * steps_per_epoch)
+        return p["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
+    if p["schedule"] == "constant":
+        return p["lr"]
+    raise UserError(f"pretrain.schedule {p['schedule']!r} is unknown (multistep|cosine|constant)")
+
+
+# ----------------------------------------------------------------------------------------- step
+@dataclass
+class StepContext:
+    """What one optimisation step needs. `model` is the module called for the forwards (it may
+    be compiled or wrapped, e.g. for DDP); `bank` the memory banks."""
+
+    model: Any
+    bank: Any
+    optimizer: Any
+    device: Any
+    view: str
+    intra_negative: str
+    amp: str = "none"
+
+
+def train_step(ctx: StepContext, batch: dict):
+    """One IIC step on a batch from PretrainClips; returns (loss, positive_rank1), detached.
+
+    Three separate forwards in train mode (spec 15: BN statistics per stream, not one
+    concatenated batch). The intra-negative forward runs without gradient but still updates BN
+    running statistics (spec 7.7); only f1 and f2 receive gradient.
+    """
+    import torch
+
+    from iicrepro.method.intra_negative import intra_negative
+    from iicrepro.method.memory_bank import nce_loss, positive_rank1
+    from iicrepro.method.views import make_view, to_unit
+    from iicrepro.train.devices import autocast
+
+    x = to_unit(batch["video"].to(ctx.device, non_blocking=True))
+    flow = batch.get("flow")
+    if flow is not None:
+        flow = to_unit(flow.to(ctx.device, non_blocking=True))
+    index = batch["index"].to(ctx.device, non_blocking=True)
+    neg = intra_negative(x, ctx.intra_negative)
+    with autocast(ctx.device, ctx.amp):
+        f1 = ctx.model(x)
+        # view rgb: view 2 is the very same feature (spec 5, degenerate upstream option).
+        f2 = f1 if ctx.view == "rgb" else ctx.model(make_view(x, ctx.view, flow=flow))
+        fn = None
+        if neg is not None:
+            with torch.no_grad():
+                fn = ctx.model(neg)
+    logits1, logits2 = ctx.bank(f1, f2, index, fn)
+    loss = nce_loss(logits1, logits2)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    ctx.optimizer.step()
+    return loss.detach(), positive_rank1(logits1, logits2)
+
+
+def run_epoch(
+    ctx: StepContext,
+    loader,
+    *,
+    epoch: int,
+    epochs: int,
+    schedule: Any,
+    steps_per_epoch: int,
+    max_steps: int | None = None,
+) -> dict:
+    """Train one epoch (0-based `epoch`); returns its metrics row."""
+    import torch
+    from tqdm import tqdm
+
+    sums = torch.zeros(2, device=ctx.device)
+    steps, first_lr = 0, None
+    batch_size = loader.batch_size
+    start = time.perf_counter()
+    bar = tqdm(
+        total=steps_per_epoch * batch_size, unit="clip", unit_scale=True, leave=False,
+        desc=f"pretrain epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
+        disable=None,  # a bar on terminals only; logs get the one line per epoch
+    )  # fmt: skip
+    with bar:
+        for i, batch in enumerate(loader):
+            if max_steps is not None and i >= max_steps:
+                break
+            lr = learning_rate(schedule, epoch, i, steps_per_epoch, epochs)
+            first_lr = lr if first_lr is None else first_lr
+            for group in ctx.optimizer.param_groups:
+                group["lr"] = lr
+            loss, rank1 = train_step(ctx, batch)
+            sums += torch.stack([loss, rank1])
+            steps += 1
+            bar.update(batch_size)
+            if i % 10 == 0:  # .item() waits for the device: not on every step
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    seconds = time.perf_counter() - start
+    loss_mean, rank1_mean = (sums / max(steps, 1)).tolist()
+    return {
+        "epoch": epoch + 1,
+        "loss": loss_mean,
+        "lr": first_lr,
+        "positive_rank1": rank1_mean,
+        "samples_per_s": steps * batch_size / seconds if seconds > 0 else 0.0,
+        "seconds": seconds,
+        "steps": steps,
+    }
+
+
+# ----------------------------------------------------------------------------------------- data
+def training_set(settings: Any, view: str):
+    """The pretraining clips (spec 4: train subset, one clip per video per epoch) and the input
+    files for provenance. A kept video's position is its memory-bank row."""
+    import pandas as pd
+
+    from iicrepro.data.clips import PretrainClips
+    from iicrepro.data.frames import FrameStore, usable
+
+    p = settings["pretrain"]
+    manifest = layout.manifest(settings, p["dataset"], p["split"])
+    if not manifest.is_file():
+        raise UserError(
+            f"manifest {manifest} not found: run `iicrepro splits {p['dataset']}` first"
+        )
+    df = pd.read_csv(manifest)
+    train = df[df["subset"] == "train"].reset_index(drop=True)
+    store = FrameStore(layout.frame_store(settings, p["dataset"]))
+    kept, excluded = usable(train, store, settings["frames"]["min_frames"])
+    flow_stores = None
+    if view in ("u", "v"):
+        root = layout.flow_store(settings, p["dataset"]) / view
+        if not (root / "index.csv").is_file():
+            raise UserError(
+                f"flow store {root} not found: run `iicrepro flow {p['dataset']}` first"
+            )
+        flow_stores = {view: FrameStore(root)}
+    clips = PretrainClips(
+        kept, store, clip_len=settings["clips"]["length"], crop=settings["clips"]["crop"],
+        flow_stores=flow_stores,
+    )  # fmt: skip
+    counts = {"listed": len(train), "used": len(kept), "excluded": len(excluded)}
+    return clips, [manifest, store.root / "index.csv"], counts
+
+
+# ------------------------------------------------------------------------------------ outputs
+def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    io.write_text(path, buf.getvalue())
+
+
+def _plan(settings, backbone, view, intra_negative, seed, epochs, max_steps, n) -> dict:
+    """Everything that determines the result: a resume or a finished run must match it."""
+    from iicrepro.train.checkpoint import plain
+
+    p = settings["pretrain"]
+    keys = ["dataset", "split", "batch_size", "lr", "momentum", "weight_decay", "schedule",
+            "milestones", "gamma", "amp", "nce"]  # fmt: skip
+    return plain({
+        "backbone": backbone, "view": view, "intra_negative": intra_negative, "seed": seed,
+        "epochs": epochs, "max_steps": max_steps, "videos": n,
+        "model": settings["model"], "clips": settings["clips"], **{k: p[k] for k in keys},
+    })  # fmt: skip
+
+
+def _plan_mismatch(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    return ", ".join(
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)
+    )
+
+
+def _track(settings: Any, run_dir: Path) -> None:
+    """MLflow logging when the tracking module is present; never fails the run."""
+    try:
+        from iicrepro import track
+    except ImportError:
+        return
+    try:
+        track.log_pretrain(settings, run_dir)
+    except Exception as exc:  # tracking is a mirror of the metric files, never a reason to fail
+        log.warning("MLflow logging of %s failed: %s", run_dir, exc)
+
+
+# ------------------------------------------------------------------------------------- the run
+def pretrain(
+    settings: Any,
+    *,
+    backbone: str,
+    view: str,
+    intra_negative: str,
+    seed: int,
+    out_dir: str | Path | None = None,
+    max_steps: int | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+) -> Path:
+    """Pretrain one model; returns its run folder. `max_steps` (debug, benchmarks) stops after
+    that many optimisation steps; such a run records it and writes no resume state."""
+    import torch
+    from tqdm import tqdm
+
+    from iicrepro.method.memory_bank import MemoryBank
+    from iicrepro.models import build_backbone
+    from iicrepro.train import checkpoint as ck
+    from iicrepro.train.devices import configure, pick_device, pin_memory
+    from iicrepro.train.seeding import rng_state, seed_everything, set_rng_state
+
+    p = settings["pretrain"]
+    epochs = int(epochs or p["epochs"])
+    out = Path(out_dir) if out_dir else layout.pretrain_dir(
+        settings, backbone, view, intra_negative, seed
+    )  # fmt: skip
+    final, last = out / "checkpoint.pt", out / "ckpt" / "last.pt"
+
+    device = pick_device(device)
+    configure(device)
+    seed_everything(seed)
+    clips, inputs, counts = training_set(settings, view)
+    n, batch_size = len(clips), p["batch_size"]
+    if n < batch_size:
+        raise UserError(
+            f"{n} usable training videos < pretrain.batch_size={batch_size} (drop_last leaves "
+            "no batch): lower the batch size or fix the frame store"
+        )
+    steps_per_epoch = n // batch_size  # drop_last=True (spec 4)
+    plan = _plan(settings, backbone, view, intra_negative, seed, epochs, max_steps, n)
+    if final.is_file():
+        done = ck.load_checkpoint(final)
+        if done.get("plan") == plan:
+            log.info("%s exists: nothing to do", final)
+            return out
+        raise UserError(
+            f"{final} was made with other settings ({_plan_mismatch(done.get('plan', {}), plan)}); "
+            f"delete {out} or pass another --out"
+        )
+
+    # Construction order fixes the random init: backbone, then banks, then the loader's stream.
+    model_kwargs = {
+        "width": settings["model"]["width"],
+        "small_input": settings["model"]["small_input"],
+    }
+    model = build_backbone(backbone, **model_kwargs)
+    bank = MemoryBank(
+        n, model.out_dim, k=p["nce"]["k"], t=p["nce"]["t"], momentum=p["nce"]["momentum"],
+        intra=intra_negative != "none", normalize_features=p["nce"]["normalize_features"],
+    )  # fmt: skip
+    loader_rng = torch.Generator().manual_seed(seed)
+    init = out / "init.pt"
+    if not init.is_file():
+        prov = ck.plain(io.provenance(settings, inputs))
+        ck.save_checkpoint(init, ck.backbone_state(model, backbone, model_kwargs, seed=seed,
+                                                   epoch=0, provenance=prov))  # fmt: skip
+    model.to(device)
+    bank.to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"]
+    )
+
+    start, rows = 0, []
+    if last.is_file():
+        state = ck.load_checkpoint(last)
+        if state.get("plan") != plan:
+            raise UserError(
+                f"{last} was made with other settings ({_plan_mismatch(state.get('plan', {}), plan)}); "
+                f"delete it to start over, or restore the settings to resume"
+            )
+        model.load_state_dict(state["model"])
+        bank.load_state_dict(state["bank"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        loader_rng.set_state(state["loader_rng"])
+        start, rows = state["epoch"], list(state["metrics"])
+        tqdm.write(f"pretrain: resuming {out.name} after epoch {start}/{epochs}")
+
+    loader = torch.utils.data.DataLoader(
+        clips, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=p["workers"],
+        generator=loader_rng, pin_memory=pin_memory(device),
+    )  # fmt: skip
+    step_model = torch.compile(model) if p["compile"] else model
+    ctx = StepContext(step_model, bank, optimizer, device, view, intra_negative, p["amp"])
+    model.train()
+    steps_left = max_steps
+    for epoch in range(start, epochs):
+        row = run_epoch(
+            ctx, loader, epoch=epoch, epochs=epochs, schedule=p,
+            steps_per_epoch=steps_per_epoch, max_steps=steps_left,
+        )  # fmt: skip
+        rows.append(row)
+        _write_metrics_csv(out / "metrics.csv", rows)
+        tqdm.write(
+            f"pretrain {out.name} epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} "
+            f"(chance {bank.chance_loss():.2f}), positive first {row['positive_rank1']:.1%}, "
+            f"lr {row['lr']:.3g}, {row['samples_per_s']:.0f} clips/s, {row['seconds']:.1f} s"
+        )
+        if steps_left is not None:
+            steps_left -= row["steps"]
+            if steps_left <= 0:
+                break
+            continue  # a truncated debug run keeps no resume state
+        if (epoch + 1) % p["checkpoint_every"] == 0 or epoch + 1 == epochs:
+            ck.save_checkpoint(last, {
+                "format": ck.FORMAT, "plan": plan, "epoch": epoch + 1, "metrics": rows,
+                "model": model.state_dict(), "bank": bank.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {"name": p["schedule"], "epoch": epoch + 1, "steps_per_epoch": steps_per_epoch},
+                "rng": rng_state(), "loader_rng": loader_rng.get_state(),
+            })  # fmt: skip
+
+    chance = bank.chance_loss()
+    prov = ck.plain(io.provenance(settings, inputs))
+    seconds = [r["seconds"] for r in rows]
+    summary = {
+        "final_loss": rows[-1]["loss"],
+        "chance_loss": chance,
+        "final_positive_rank1": rows[-1]["positive_rank1"],
+        "epochs": len(rows),
+        "planned_epochs": epochs,
+        "steps": sum(r["steps"] for r in rows),
+        "max_steps": max_steps,
+        "seconds_per_epoch": sum(seconds) / len(seconds),
+        "samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows),
+        "videos": counts,
+        "backbone": backbone, "view": view, "intra_negative": intra_negative, "seed": seed,
+        "device": str(device),
+        "provenance": prov,
+    }  # fmt: skip
+    io.write_json(out / "metrics.json", summary)
+    bank_config = {k: getattr(bank, k) for k in ("n", "dim", "k", "t", "momentum", "intra",
+                                                  "normalize_features")}  # fmt: skip
+    ck.save_checkpoint(final, ck.backbone_state(
+        model, backbone, model_kwargs,
+        bank={k: v.cpu() for k, v in bank.state_dict().items()}, bank_config=bank_config,
+        view=view, intra_negative=intra_negative, seed=seed, epoch=len(rows), plan=plan,
+        settings=ck.plain(settings), provenance=prov,
+    ))  # fmt: skip
+    _track(settings, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backbone", help="c3d | r3d | r21d | r3d18 (default: first of pretrain.backbones)"
+    )
+    parser.add_argument(
+        "--view", help="view 2: residual | u | v | rgb (default: first of pretrain.views)"
+    )
+    parser.add_argument(
+        "--intra-negative",
+        help="repeat | shuffle | none (CMC) (default: first of pretrain.intra_negatives)",
+    )
+    parser.add_argument("--seed", type=int, help="default: first of pretrain.seeds")
+    parser.add_argument("--out", type=Path, help="run folder (default: layout.pretrain_dir)")
+    parser.add_argument("--epochs", type=int, help="override pretrain.epochs")
+    parser.add_argument("--max-steps", type=int, help="debug: stop after this many steps")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from iicrepro.cli import settings_from_args
+    from iicrepro.method.intra_negative import KINDS
+    from iicrepro.method.views import VIEWS
+    from iicrepro.models import BACKBONES
+
+    settings = settings_from_args(args)
+    p = settings.pretrain
+    backbone = args.backbone or p.backbones[0]
+    view = args.view or p.views[0]
+    neg = args.intra_negative or p.intra_negatives[0]
+    seed = p.seeds[0] if args.seed is None else args.seed
+    for value, allowed, what in ((backbone, BACKBONES, "--backbone"), (view, VIEWS, "--view"),
+                                 (neg, KINDS, "--intra-negative")):  # fmt: skip
+        if value not in allowed:
+            raise UserError(f"{what} {value!r} is unknown; choose one of {', '.join(allowed)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError("--max-steps must be at least 1")
+    out = pretrain(
+        settings, backbone=backbone, view=view, intra_negative=neg, seed=seed, out_dir=args.out,
+        max_steps=args.max_steps, epochs=args.epochs, device=args.device,
+    )  # fmt: skip
+    summary = io.read_json(out / "metrics.json")
+    print(
+        f"pretrain {out}: {summary['epochs']} epochs, final loss {summary['final_loss']:.4f} "
+        f"(chance {summary['chance_loss']:.2f}), positive ranked first "
+        f"{summary['final_positive_rank1']:.1%}, {summary['seconds_per_epoch']:.2f} s/epoch"
+    )
+    return 0
