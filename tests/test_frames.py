@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,14 @@ def test_store_read_errors(videos, tmp_path):
         store.read("ClassA/v_a1", 15, 6)
     with pytest.raises(KeyError, match="not in the frame store"):
         store.read("ClassA/v_zz", 0, 1)
+
+
+def _die_on_three(x: int) -> int:
+    if x == 3:
+        os._exit(7)  # like a decoder segfault
+    return 10 * x
+
+
+def test_isolated_map_reports_the_item_that_kills_its_process():
+    got = list(frames.isolated_map(_die_on_three, [1, 3, 2, 4], 2, lambda x: f"crash {x}"))
+    assert sorted(got, key=str) == [10, 20, 40, "crash 3"]

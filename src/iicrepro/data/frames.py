@@ -28,6 +28,8 @@ Failure policy. The step never stops for a bad video and never drops one silentl
   file is reopened with the undecodable bytes ignored and the video is kept.
 * ``too_short``: fewer than `frames.min_frames` frames (spec 3.1: length = frames - 1 must hold a
   clip); excluded.
+* ``crash`` / ``error``: decoding killed its worker process / raised an unexpected exception
+  (excluded; the other videos go on).
 An excluded video has no file; a rerun tries it again. Downstream steps drop it with `usable`.
 
 Resuming: files are renamed into place only when complete, so a video whose file exists with the
@@ -143,14 +145,19 @@ def _remove_other_codecs(root: str | Path, key: str, codec: str) -> None:
 
 
 def read_header(path: str | Path) -> dict:
-    """frames, height, width, channels of a stored video (+ offsets, data_start for .jpgs)."""
+    """frames, height, width, channels and data_start (+ JPEG offsets) of a stored video."""
     path = Path(path)
     with open(path, "rb") as f:
         if path.suffix == ".npy":
             major, _ = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0
-            shape, _, _ = (read if major == 1 else np.lib.format.read_array_header_2_0)(f)
-            return {"frames": shape[0], "height": shape[1], "width": shape[2], "channels": shape[3]}
+            shape, fortran, dtype = (read if major == 1 else np.lib.format.read_array_header_2_0)(f)
+            if len(shape) != 4 or fortran or dtype != np.uint8:
+                raise ValueError(f"{path} is not a uint8 (T, H, W, C) C-order array")
+            frames, height, width, channels = shape
+            return dict(frames=frames, height=height, width=width, channels=channels) | {
+                "data_start": f.tell()
+            }
         if f.readline() != MAGIC:
             raise ValueError(f"{path} is not a frame file (no {MAGIC!r} line)")
         header = json.loads(f.readline())
@@ -185,10 +192,13 @@ class FrameStore:
         self._info = {
             r.video: (int(r.frames), int(r.height), int(r.width), r.codec) for r in df.itertuples()
         }
-        self._jpeg_headers: dict[str, dict] = {}
+        self._headers: dict[str, dict] = {}  # per video, read on first access
 
     def keys(self) -> list[str]:
         return list(self._info)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._info)
 
     def __contains__(self, key: str) -> bool:
         return key in self._info
@@ -212,9 +222,12 @@ class FrameStore:
         start, length = int(start), int(length)
         if start < 0 or length < 0 or start + length > frames:
             raise IndexError(f"{key}: frames {start}..{start + length - 1} outside 0..{frames - 1}")
+        h = self._headers.get(key)
+        if h is None:
+            h = self._headers[key] = read_header(self.path(key))
         if codec == "raw":
-            return np.array(np.load(self.path(key), mmap_mode="r")[start : start + length])
-        return self._read_jpeg(key, start, length)
+            return self._read_raw(key, h, start, length)
+        return self._read_jpeg(key, h, start, length)
 
     def read_all(self, key: str) -> np.ndarray:
         return self.read(key, 0, self.num_frames(key))
@@ -225,12 +238,18 @@ class FrameStore:
         except KeyError:
             raise KeyError(f"{key!r} is not in the frame store {self.root}") from None
 
-    def _read_jpeg(self, key: str, start: int, length: int) -> np.ndarray:
+    def _read_raw(self, key: str, h: dict, start: int, length: int) -> np.ndarray:
+        # The .npy file loads with np.load(mmap_mode="r") too; one positioned read is faster.
+        out = np.empty((length, h["height"], h["width"], h["channels"]), np.uint8)
+        with open(self.path(key), "rb", buffering=0) as f:
+            f.seek(h["data_start"] + start * out[0].nbytes)
+            if f.readinto(out) != out.nbytes:
+                raise OSError(f"{self.path(key)} is shorter than its header says")
+        return out
+
+    def _read_jpeg(self, key: str, h: dict, start: int, length: int) -> np.ndarray:
         import cv2
 
-        h = self._jpeg_headers.get(key)
-        if h is None:
-            h = self._jpeg_headers[key] = read_header(self.path(key))
         off, channels = h["offsets"], h["channels"]
         with open(self.path(key), "rb") as f:
             f.seek(h["data_start"] + off[start])
@@ -385,12 +404,42 @@ def _results(tasks: list[_Task], workers: int, progress: bool) -> Iterator:
     bar = dict(total=len(tasks), unit="video", desc="decode", disable=not progress)
     if workers <= 1 or len(tasks) <= 1:
         yield from tqdm(map(_run_task, tasks), **bar)
-        return
+    else:
+        yield from tqdm(isolated_map(_run_task, tasks, workers, _crashed), **bar)
+
+
+def _crashed(task: _Task) -> tuple[str, int, list[tuple[str, str]]]:
+    return task.key, 0, [("crash", "decoding this video killed the worker process")]
+
+
+def isolated_map(fn, items: list, workers: int, on_crash) -> Iterator:
+    """Yield fn(item) computed in `workers` processes, in completion order. An item whose call
+    kills its process (e.g. a decoder segfault) yields on_crash(item) instead: the unfinished
+    items are bisected over fresh pools until the culprit runs alone."""
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn: the parent may hold torch/OpenMP threads, which fork would copy in a broken state.
-    with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-        yield from tqdm(pool.imap_unordered(_run_task, tasks), **bar)
+    ctx, batches = mp.get_context("spawn"), [list(items)]
+    while batches:
+        batch = batches.pop()
+        done: set[int] = set()
+        pool = ProcessPoolExecutor(min(workers, len(batch)), mp_context=ctx)
+        try:
+            futures = {pool.submit(fn, item): i for i, item in enumerate(batch)}
+            for future in as_completed(futures):
+                result = future.result()
+                done.add(futures[future])
+                yield result
+        except BrokenProcessPool:
+            left = [item for i, item in enumerate(batch) if i not in done]
+            if len(left) == 1:
+                yield on_crash(left[0])
+            else:
+                batches += [left[len(left) // 2 :], left[: len(left) // 2]]
+        finally:  # on an interrupt, do not wait for the queued videos
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass(frozen=True)
