@@ -69,7 +69,7 @@ def run(tiny, out, **kw):
     return finetune(
         tiny["settings"], backbone="r3d", view="residual", init="iic",
         checkpoint=tiny["run_dir"] / "checkpoint.pt", dataset=data.DATASET, split=1, seed=0,
-        out=out, **kw,
+        out=out, device="cpu", **kw,
     )  # fmt: skip
 
 
@@ -80,7 +80,7 @@ def test_finetune_end_to_end_and_resume_equals_uninterrupted(tiny):
         argv += ["--set", item]
     argv += ["--backbone", "r3d", "--view", "residual", "--init", "iic", "--checkpoint",
              str(tiny["run_dir"] / "checkpoint.pt"), "--dataset", data.DATASET, "--split", "1",
-             "--seed", "0", "--out", str(whole)]  # fmt: skip
+             "--seed", "0", "--out", str(whole), "--device", "cpu"]  # fmt: skip
     assert cli.main(argv) == 0
 
     m = io.read_json(whole / "metrics.json")
@@ -123,20 +123,20 @@ def test_finetune_end_to_end_and_resume_equals_uninterrupted(tiny):
     with pytest.raises(UserError, match="other settings"):
         finetune(tiny["settings"], backbone="r3d", view="residual", init="iic",
                  checkpoint=tiny["run_dir"] / "checkpoint.pt", dataset=data.DATASET, split=1,
-                 seed=1, out=split)  # fmt: skip
+                 seed=1, out=split, device="cpu")  # fmt: skip
 
 
 def test_validation_subset_must_leave_training_videos(tiny):
     s = data.settings(tiny["tmp"], **{"finetune.val_size.synthetic": 12})
     with pytest.raises(UserError, match="val_size"):
         finetune(s, backbone="r3d", view="rgb", init="random", checkpoint=init_pt(tiny),
-                 dataset=data.DATASET, split=1, seed=0)  # fmt: skip
+                 dataset=data.DATASET, split=1, seed=0, device="cpu")  # fmt: skip
 
 
 def test_random_init_trains_from_the_seed_init_weights(tiny):
     s = data.settings(tiny["tmp"], **{"finetune.epochs": 1})
     out = finetune(s, backbone="r3d", view="rgb", init="random", checkpoint=init_pt(tiny),
-                   dataset=data.DATASET, split=1, seed=0)  # fmt: skip
+                   dataset=data.DATASET, split=1, seed=0, device="cpu")  # fmt: skip
     assert out.name == "r3d-residual-random-s0-ftrgb" and out.parent.name == "split1"
     m = io.read_json(out / "metrics.json")
     assert m["init"] == "random" and m["view"] == "rgb"

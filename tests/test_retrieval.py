@@ -89,7 +89,7 @@ def tiny(tmp_path_factory):
     for item in data.overrides(tmp):
         argv += ["--set", item]
     argv += ["--checkpoint", str(run_dir / "checkpoint.pt"), "--dataset", data.DATASET]
-    argv += ["--view", "residual", "--out", str(out)]
+    argv += ["--view", "residual", "--out", str(out), "--device", "cpu"]  # exact comparisons
     assert cli.main(argv) == 0
     return {"tmp": tmp, "settings": s, "run_dir": run_dir, "out": out}
 
@@ -170,7 +170,7 @@ def test_reevaluation_reuses_the_feature_cache(tiny):
     before = {p: p.stat().st_mtime_ns for p in paths}
     first = io.read_json(tiny["out"] / "metrics.json")["rows"]
     retrieve(tiny["settings"], tiny["run_dir"] / "checkpoint.pt", data.DATASET, "residual",
-             out=tiny["out"])  # fmt: skip
+             out=tiny["out"], device="cpu")  # fmt: skip
     assert {p: p.stat().st_mtime_ns for p in paths} == before
     assert io.read_json(tiny["out"] / "metrics.json")["rows"] == first
 
@@ -178,7 +178,12 @@ def test_reevaluation_reuses_the_feature_cache(tiny):
 def test_drop_last_reproduces_the_upstream_count(tiny):
     s = data.settings(tiny["tmp"], **{"retrieval.drop_last": "true"})
     out = retrieve(
-        s, tiny["run_dir"] / "checkpoint.pt", data.DATASET, "rgb", out=tiny["tmp"] / "dl"
+        s,
+        tiny["run_dir"] / "checkpoint.pt",
+        data.DATASET,
+        "rgb",
+        out=tiny["tmp"] / "dl",
+        device="cpu",
     )
     m = io.read_json(out / "metrics.json")
     g, q = m["counts"]["gallery"], m["counts"]["query"]
@@ -192,7 +197,9 @@ def test_flow_view_excludes_and_counts_videos_without_flow(tiny):
     manifest = pd.read_csv(layout.manifest(s, data.DATASET, 1))
     no_flow = manifest[manifest.subset == "test"]["video"].iloc[0]
     data.build_flow(s, "u", skip=no_flow)
-    out = retrieve(s, tiny["run_dir"] / "checkpoint.pt", data.DATASET, "u", out=tiny["tmp"] / "u")
+    out = retrieve(
+        s, tiny["run_dir"] / "checkpoint.pt", data.DATASET, "u", out=tiny["tmp"] / "u", device="cpu"
+    )
     m = io.read_json(out / "metrics.json")
     q = m["counts"]["query"]
     assert (q["listed"], q["used"], q["excluded_decode"], q["excluded_flow"]) == (6, 5, 0, 1)
@@ -206,7 +213,7 @@ def test_flow_view_excludes_and_counts_videos_without_flow(tiny):
 def test_bn_recalibration_changes_statistics_only(tiny):
 
     run_dir, s = tiny["run_dir"], tiny["settings"]
-    out = retrieve(s, run_dir / "init.pt", data.DATASET, "residual", bn="recalibrate")
+    out = retrieve(s, run_dir / "init.pt", data.DATASET, "residual", bn="recalibrate", device="cpu")
     assert out == layout.retrieval_dir(s, data.DATASET, "r3d-residual-random-s0-bnrecal")
     m = io.read_json(out / "metrics.json")
     assert m["bn"] == "recalibrate"
