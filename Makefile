@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
+# Rules call `iicrepro <step>`: the venv's bin comes first on PATH for everything make runs.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 CORES ?= 2
 PRESET ?= demo
 
