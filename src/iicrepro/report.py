@@ -1,0 +1,499 @@
+"""`iicrepro report`: every result beside the paper's number, plots, and an MLflow summary run.
+
+Reads the metric files the other steps wrote (paths from iicrepro.layout; missing or partial results
+are reported as such) and writes:
+* ``results/summary.csv``: long form, one row per number, with the paper's number and the delta;
+* ``results/summary.md``: the paper's tables with our numbers beside them, mean ± std over seeds with
+  the margin over random init, pretraining runs, what is missing, and the source files;
+* ``results/plots/*.png``: pretraining loss curves and retrieval top-k curves.
+Accuracies are percentages, like the paper's. Fine-tuning results of all three splits of a run are
+also averaged into a ``split = mean`` row, the number the paper's recognition tables report (spec 17).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from iicrepro import io, layout, paper, track
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [
+    "dataset", "protocol", "backbone", "view", "intra_negative", "init", "split", "seed",
+    "modality", "variant", "metric", "value", "paper_value", "delta", "paper_table",
+    "paper_method", "source",
+]  # fmt: skip
+TOPK = ["top1", "top5", "top10", "top20", "top50"]
+INIT_ORDER = {"iic": 0, "cmc": 1, "random": 2}
+PAPER_DATASETS = {"ucf101": "UCF101", "hmdb51": "HMDB51"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--results", default=None, metavar="DIR",
+        help="results folder to report on (default: paths.results of the settings)",
+    )  # fmt: skip
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+
+def main(args: argparse.Namespace) -> int:
+    from iicrepro.cli import settings_from_args
+
+    settings = settings_from_args(args)
+    if args.results:
+        settings["paths"]["results"] = args.results
+    out = build(settings, mlflow=not args.no_mlflow)
+    print(f"wrote {out['csv']}, {out['md']} and {len(out['plots'])} plots")
+    return 0
+
+
+def build(settings: Any, mlflow: bool = True) -> dict:
+    """Write summary.csv, summary.md and the plots; log them to MLflow. Returns their paths."""
+    table, sources = collect(settings)
+    curves, pretrain_sources = pretrain_runs(settings)
+    sources += pretrain_sources
+    csv_path, md_path = layout.summary_csv(settings), layout.summary_md(settings)
+    with io.atomic_path(csv_path, suffix=".csv") as tmp:
+        table.to_csv(tmp, index=False)
+    plots = make_plots(settings, table, curves)
+    io.write_text(md_path, render_md(settings, table, curves, sources, plots))
+    if mlflow and track.tracking_uri(settings):
+        logged, pending = track.sync_pending(settings)
+        if logged or pending:
+            print(f"MLflow: {logged} pending run(s) logged, {pending} still pending")
+        artifacts = [(csv_path, None), (md_path, None)] + [(p, "plots") for p in plots]
+        with_paper = table["paper_value"].notna()
+        metrics = {
+            "rows": len(table),
+            "rows_with_paper_value": int(with_paper.sum()),
+            "pretrain_runs": len(curves),
+        }
+        if with_paper.any():
+            metrics["mean_abs_delta"] = float(table.loc[with_paper, "delta"].abs().mean())
+        track.log_summary(settings, artifacts, metrics)
+    return {"csv": csv_path, "md": md_path, "plots": plots}
+
+
+# --------------------------------------------------------------------------- reading results
+
+
+def _glob(pattern: Path) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(str(pattern)))
+
+
+def _source(path: Path, data: dict, kind: str) -> dict:
+    prov = data.get("provenance") or {}
+    return {"path": str(path), "kind": kind, "code_version": prov.get("code_version", "unknown")}
+
+
+def _made_with(data: dict, settings: Any) -> Any:
+    return (data.get("provenance") or {}).get("settings") or settings
+
+
+def _base_row(dataset: str, protocol: str, run: str, split: Any, source: Path) -> dict | None:
+    parts = layout.parse_run_name(run)
+    if parts is None:
+        log.warning("report: %s is not a run folder name; skipped", source.parent)
+        return None
+    return {
+        "dataset": dataset, "protocol": protocol, "backbone": parts["backbone"],
+        "view": parts["view"], "intra_negative": parts["intra_negative"], "init": parts["init"],
+        "split": str(split), "seed": parts["seed"], "variant": parts["variant"],
+        "source": str(source),
+    }  # fmt: skip
+
+
+def _retrieval_rows(settings: Any, sources: list) -> list[dict]:
+    rows = []
+    # layout's own path functions with '*' for the keys give the glob patterns.
+    for path in _glob(layout.retrieval_dir(settings, "*", "*") / "metrics.json"):
+        data = io.read_json(path)
+        split = data.get("split") or _made_with(data, settings)["retrieval"]["split"]
+        base = _base_row(path.parent.parent.name, "retrieval", path.parent.name, split, path)
+        if base is None:
+            continue
+        sources.append(_source(path, data, "retrieval"))
+        for r in data.get("rows", []):
+            rows.append({**base, "modality": r["modality"], "metric": r["metric"],
+                         "value": float(r["value"])})  # fmt: skip
+    return rows
+
+
+def _finetune_rows(settings: Any, sources: list) -> list[dict]:
+    rows = []
+    for path in _glob(layout.finetune_dir(settings, "*", "*", "*") / "metrics.json"):
+        data = io.read_json(path)
+        split = path.parent.parent.name.removeprefix("split")
+        base = _base_row(path.parent.parent.parent.name, "finetune", path.parent.name, split, path)
+        if base is None or "top1" not in data:
+            continue
+        sources.append(_source(path, data, "finetune"))
+        rows.append({**base, "modality": "", "metric": "top1", "value": float(data["top1"])})
+    return rows
+
+
+def _split_means(df):
+    """One 'mean' row per fine-tuned model that has all three splits (the paper's protocol)."""
+    import pandas as pd
+
+    ft = df[(df["protocol"] == "finetune") & df["split"].isin(["1", "2", "3"])]
+    keys = [c for c in COLUMNS if c not in ("split", "value", "source", "paper_value", "delta",
+                                            "paper_table", "paper_method")]  # fmt: skip
+    means = []
+    for key, group in ft.groupby(keys, dropna=False):
+        if set(group["split"]) == {"1", "2", "3"}:
+            row = dict(zip(keys, key, strict=True))
+            row.update(split="mean", value=group["value"].mean(),
+                       source=";".join(sorted(group["source"])))  # fmt: skip
+            means.append(row)
+    return pd.concat([df, pd.DataFrame(means)], ignore_index=True) if means else df
+
+
+def _attach_paper(row) -> tuple:
+    # Variants (BN recalibration, another fine-tuning input or seed) are not the paper's settings.
+    if row["dataset"] not in PAPER_DATASETS or row["variant"]:
+        return None, "", ""
+    p = paper.lookup(
+        row["dataset"], row["protocol"], row["backbone"], row["view"], row["intra_negative"],
+        row["metric"], modality=row["modality"] or None, split=row["split"],
+    )  # fmt: skip
+    return (p.value, p.table, p.method) if p else (None, "", "")
+
+
+def collect(settings: Any):
+    """All retrieval and fine-tuning numbers as a long table with the paper's beside them."""
+    import pandas as pd
+
+    sources: list[dict] = []
+    rows = _retrieval_rows(settings, sources) + _finetune_rows(settings, sources)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if df.empty:
+        return df, sources
+    df = _split_means(df)
+    attached = df.apply(_attach_paper, axis=1, result_type="expand")
+    df["paper_value"] = pd.to_numeric(attached[0])
+    df["paper_table"], df["paper_method"] = attached[1], attached[2]
+    df["delta"] = df["value"] - df["paper_value"]
+    order = {
+        "init": df["init"].map(INIT_ORDER),
+        "metric": df["metric"].map(lambda m: TOPK.index(m) if m in TOPK else len(TOPK)),
+    }
+    df = df.assign(_init=order["init"], _metric=order["metric"])
+    df = df.sort_values(["dataset", "protocol", "backbone", "view", "_init", "intra_negative",
+                         "variant", "seed", "split", "modality", "_metric"])  # fmt: skip
+    return df.drop(columns=["_init", "_metric"])[COLUMNS].reset_index(drop=True), sources
+
+
+def pretrain_runs(settings: Any) -> tuple[dict, list]:
+    """Per-epoch curves and final values of every pretraining run: {(dataset, run): info}."""
+    import pandas as pd
+
+    shape = {"paths": settings["paths"], "pretrain": {"dataset": "*"}}
+    runs, sources = {}, []
+    for run_dir in _glob(layout.pretrain_dir(shape, "*", "*", "*", "*")):
+        csv_path, json_path = run_dir / "metrics.csv", run_dir / "metrics.json"
+        if not csv_path.exists() and not json_path.exists():
+            continue
+        final = io.read_json(json_path) if json_path.exists() else {}
+        curve = pd.read_csv(csv_path) if csv_path.exists() else pd.DataFrame()
+        runs[(run_dir.parent.name, run_dir.name)] = {"curve": curve, "final": final}
+        for p in (csv_path, json_path):
+            if p.exists():
+                sources.append(_source(p, final, "pretrain"))
+    return runs, sources
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def make_plots(settings: Any, table, runs: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir, written = layout.plots(settings), []
+
+    def save(fig, name):
+        path = out_dir / name
+        with io.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+
+    curves = {k: v["curve"] for k, v in runs.items() if {"epoch", "loss"} <= set(v["curve"])}
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (dataset, run), c in sorted(curves.items()):
+            ax.plot(c["epoch"], c["loss"], label=f"{dataset}/{run}", lw=1.2)
+        ax.set(xlabel="epoch", ylabel="pretraining loss (NCE, both views)",
+               title="IIC pretraining loss")  # fmt: skip
+        ax.legend(fontsize=7)
+        save(fig, "pretrain_loss.png")
+    retrieval = table[(table["protocol"] == "retrieval") & table["metric"].isin(TOPK)]
+    for dataset, d in retrieval.groupby("dataset"):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for run, r in d.groupby(d["source"].map(lambda s: Path(s).parent.name)):
+            modality = "joint" if (r["modality"] == "joint").any() else r["modality"].iloc[0]
+            r = r[r["modality"] == modality]
+            ks = [int(m.removeprefix("top")) for m in r["metric"]]
+            ax.plot(ks, r["value"], marker="o", lw=1.2, label=f"{run} ({modality})")
+            if r["paper_value"].notna().all():
+                ax.plot(ks, r["paper_value"], ls="--", lw=1, color=ax.lines[-1].get_color(),
+                        label=f"paper: {r['paper_method'].iloc[0]}")  # fmt: skip
+        ax.set(xscale="log", xlabel="k", ylabel="top-k accuracy (%)",
+               title=f"{dataset} retrieval (nearest neighbours of test videos in train)")  # fmt: skip
+        ax.set_xticks([1, 5, 10, 20, 50], labels=["1", "5", "10", "20", "50"])
+        ax.legend(fontsize=7)
+        save(fig, f"retrieval_topk_{dataset}.png")
+    return written
+
+
+# --------------------------------------------------------------------------- summary.md
+
+
+def _fmt(x, digits: int = 1) -> str:
+    return "—" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _signed(x) -> str:
+    return "—" if x is None or x != x else f"{x:+.1f}"
+
+
+def _mean_std(values) -> str:
+    values = list(values)
+    if not values:
+        return "—"
+    import statistics
+
+    if len(values) == 1:
+        return _fmt(values[0])
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _setting(row) -> str:
+    init = {"iic": f"IIC {row['intra_negative']}", "cmc": "CMC", "random": "random init"}
+    text = f"{row['backbone']} {row['view']} · {init[row['init']]}"
+    return text + (f" · {row['variant']}" if row["variant"] else "")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _paper_label(p: paper.PaperNumber) -> str:
+    label = p.method + (f" [{p.backbone}]" if p.backbone else "")
+    return label + (" †" if p.table.startswith(paper.ARCHITECTURE_TABLE) else "")
+
+
+def _paper_retrieval(table, dataset: str) -> str:
+    """The paper's retrieval table: ours (mean over seeds) / paper (Δ) for k = 1 ... 50."""
+    ret = table[(table["dataset"] == dataset) & (table["protocol"] == "retrieval")]
+    # The feature the paper reports per init: joint for IIC and CMC (spec 10.7), RGB for random.
+    papers_feature = ret["modality"] == ret["init"].map({"random": "rgb"}).fillna("joint")
+    ret = ret[ret["metric"].isin(TOPK) & (papers_feature | ret["paper_value"].notna())]
+    rows, covered = [], set()
+    keys = ["backbone", "view", "init", "intra_negative", "variant", "modality"]
+    for _, g in ret.groupby(keys, sort=False):
+        first, cells = g.iloc[0], []
+        for k in TOPK:
+            gk = g[g["metric"] == k]
+            p = gk["paper_value"].iloc[0] if not gk.empty else None
+            ours = _mean_std(gk["value"])
+            delta = f" ({_signed(gk['value'].mean() - p)})" if p == p and p is not None else ""
+            cells.append(f"{ours} / {_fmt(p)}{delta}")
+        methods = [m for m in g["paper_method"] if m]
+        label = f"{methods[0]} [{first['backbone']}]" if methods else "—"
+        covered.add(label)
+        seeds = str(g["seed"].nunique())
+        rows.append([f"{_setting(first)} ({first['modality']})", label, seeds] + cells)
+    rows += _paper_only(dataset, "retrieval", covered)
+    header = ["ours (feature)", "paper row", "seeds"]
+    header += [f"top-{k[3:]} ours / paper (Δ)" for k in TOPK]
+    return _md_table(header, rows)
+
+
+def _paper_only(dataset: str, protocol: str, covered: set) -> list[list[str]]:
+    """Paper rows without a result of ours: other methods, and our settings not run yet."""
+    groups: dict[str, dict] = {}
+    for p in paper.numbers(dataset, protocol):
+        label = _paper_label(p)
+        if label.removesuffix(" †") not in covered and not p.table.startswith(paper.RELEASED_TABLE):
+            groups.setdefault(label, {})[p.metric] = p.value
+    if protocol == "retrieval":
+        return [
+            ["—", lb, "0"] + [f"— / {_fmt(v.get(k))}" for k in TOPK] for lb, v in groups.items()
+        ]
+    return [["—", lb, "—", "—", _fmt(v.get("top1")), "—"] for lb, v in groups.items()]
+
+
+def _paper_recognition(table, dataset: str) -> str:
+    """The paper's recognition table: ours on split 1 and as a 3-split mean, beside the paper's."""
+    ft = table[(table["dataset"] == dataset) & (table["protocol"] == "finetune")]
+    rows, covered = [], set()
+    keys = ["backbone", "view", "init", "intra_negative", "variant"]
+    for _, g in ft.groupby(keys, sort=False):
+        first = g.iloc[0]
+        args = (dataset, "finetune", *first[["backbone", "view", "intra_negative"]], "top1")
+        p_mean, p_1 = paper.lookup(*args, split="mean"), paper.lookup(*args, split="1")
+        label = f"{p_mean.method} [{first['backbone']}]" if p_mean else "—"
+        covered.add(label)
+        split1, mean = g[g["split"] == "1"]["value"], g[g["split"] == "mean"]["value"]
+        split1_text = _mean_std(split1) + (f" (paper split 1: {_fmt(p_1.value)})" if p_1 else "")
+        delta = _signed(mean.mean() - p_mean.value) if p_mean and len(mean) else "—"
+        paper_mean = _fmt(p_mean.value) if p_mean else "—"
+        rows.append([_setting(first), label, split1_text, _mean_std(mean), paper_mean, delta])
+    rows += _paper_only(dataset, "finetune", covered)
+    header = ["ours", "paper row", "ours split 1", "ours 3-split mean", "paper (3-split mean)",
+              "Δ (mean − paper)"]  # fmt: skip
+    return _md_table(header, rows)
+
+
+def _margin(g, random_g) -> str:
+    """Top-1 margin over random init, paired by seed where both exist."""
+    if random_g is None or random_g.empty or g.empty:
+        return "—"
+    a, b = g.set_index("seed")["value"], random_g.set_index("seed")["value"]
+    common = a.index.intersection(b.index)
+    diff = (a[common] - b[common]).mean() if len(common) else a.mean() - b.mean()
+    return _signed(diff)
+
+
+def _seed_tables(table, dataset: str) -> str:
+    """Mean ± std over seeds per setting and feature, with the margin over random init."""
+    out = []
+    d = table[(table["dataset"] == dataset) & (table["split"] != "mean")]
+    ret = d[d["protocol"] == "retrieval"]
+    if not ret.empty:
+        rows = []
+        keys = ["backbone", "view", "init", "intra_negative", "variant", "modality", "split"]
+        randoms = ret[(ret["init"] == "random") & (ret["metric"] == "top1")]
+        variants = sorted(randoms["variant"].unique())
+        for _, g in ret.groupby(keys, sort=False):
+            first = g.iloc[0]
+            cells = [_mean_std(g[g["metric"] == k]["value"]) for k in TOPK]
+            top1 = g[g["metric"] == "top1"]
+            margins = []
+            for v in variants:
+                r = randoms[(randoms["backbone"] == first["backbone"])
+                            & (randoms["view"] == first["view"]) & (randoms["variant"] == v)
+                            & (randoms["modality"] == first["modality"])]  # fmt: skip
+                margins.append("—" if first["init"] == "random" else _margin(top1, r))
+            rows.append([_setting(first), first["modality"], str(g["seed"].nunique())]
+                        + cells + margins)  # fmt: skip
+        header = ["setting", "feature", "seeds"] + [f"top-{k[3:]}" for k in TOPK]
+        header += [f"top-1 margin over random init{f' ({v})' if v else ''}" for v in variants]
+        out.append(f"### Retrieval\n\n{_md_table(header, rows)}")
+    ft = d[d["protocol"] == "finetune"]
+    if not ft.empty:
+        rows = []
+        randoms = ft[ft["init"] == "random"]
+        for _, g in ft.groupby(["backbone", "view", "init", "intra_negative", "variant", "split"],
+                               sort=False):  # fmt: skip
+            first = g.iloc[0]
+            r = randoms[
+                (randoms["backbone"] == first["backbone"])
+                & (randoms["view"] == first["view"])
+                & (randoms["split"] == first["split"])
+            ]
+            margin = "—" if first["init"] == "random" else _margin(g, r)
+            rows.append([_setting(first), first["split"], str(g["seed"].nunique()),
+                         _mean_std(g["value"]), margin])  # fmt: skip
+        header = ["setting", "split", "seeds", "top-1", "margin over random init"]
+        out.append(f"### Fine-tuning (video top-1)\n\n{_md_table(header, rows)}")
+    return "\n".join(out)
+
+
+def _pretrain_table(runs: dict) -> str:
+    rows = []
+    for (dataset, run), info in sorted(runs.items()):
+        c, final = info["curve"], info["final"]
+        last = c.iloc[-1].to_dict() if not c.empty else {}
+        loss = final.get("final_loss", last.get("loss"))
+        rank1 = final.get("final_positive_rank1", last.get("positive_rank1"))
+        epochs = final.get("epochs", last.get("epoch"))
+        rows.append([dataset, run, _fmt(epochs, 0), _fmt(loss, 3), _fmt(final.get("chance_loss"), 3),
+                     _fmt(rank1, 3), "yes" if final else "no (running or stopped)"])  # fmt: skip
+    header = ["dataset", "run", "epochs", "final loss", "chance loss", "positive ranked 1st",
+              "finished"]  # fmt: skip
+    return _md_table(header, rows)
+
+
+def _missing(settings: Any, table, runs: dict) -> list[str]:
+    """Results the params.yaml grid implies but that were not found."""
+    pt = settings["pretrain"]
+    grid = [(b, v, n, s) for b in pt["backbones"] for v in pt["views"]
+            for n in pt["intra_negatives"] for s in pt["seeds"]]  # fmt: skip
+    names = [layout.run_name(*g) for g in grid]
+    random_names = sorted({layout.run_name(b, v, "random", s) for b, v, _, s in grid})
+    missing = [f"pretrain {pt['dataset']}/{n}" for n in names
+               if not (runs.get((pt["dataset"], n)) or {}).get("final")]  # fmt: skip
+    have = {(r.dataset, r.protocol, Path(r.source.split(";")[0]).parent.name, r.split)
+            for r in table.itertuples()}  # fmt: skip
+    for d in settings["retrieval"]["datasets"]:
+        split = str(settings["retrieval"]["split"])
+        missing += [f"retrieval {d}/{n}" for n in names + random_names
+                    if (d, "retrieval", n, split) not in have]  # fmt: skip
+    inits = settings["finetune"]["inits"]
+    ft_names = (names if "iic" in inits else []) + (random_names if "random" in inits else [])
+    for d in settings["finetune"]["datasets"]:
+        for k in settings["finetune"]["splits"]:
+            missing += [f"finetune {d}/split{k}/{n}" for n in ft_names
+                        if (d, "finetune", n, str(k)) not in have]  # fmt: skip
+    return missing
+
+
+def render_md(settings: Any, table, runs: dict, sources: list, plots: list[Path]) -> str:
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    parts = [
+        "# IIC reproduction: results beside the paper\n",
+        f"Preset `{settings.get('preset', '')}`, generated {now} by `iicrepro report` "
+        f"(code {io.code_version()}). Accuracies in %. Paper numbers: "
+        "`src/iicrepro/paper_results.csv` (the paper's and upstream README's tables; its `source` "
+        "column says where each number comes from). Δ = ours − paper. Where several seeds exist, "
+        "ours = mean ± std over seeds. Long form of every number: `summary.csv`. "
+        "† = post-paper README table (3-split average).\n",
+    ]
+    datasets = sorted(set(table["dataset"])) if not table.empty else []
+    for dataset, name in PAPER_DATASETS.items():
+        if dataset not in datasets:
+            parts.append(f"## {name}\n\nNo {name} results yet (the `paper` preset runs them).\n")
+            continue
+        parts.append(
+            f"## {name} retrieval (split 1)\n\nThe paper's IIC rows are joint retrieval "
+            "(RGB and second-view features concatenated, spec 10.7), so they sit beside our `joint` "
+            "rows; its random-init row is RGB.\n\n" + _paper_retrieval(table, dataset)
+        )
+        parts.append(
+            f"## {name} recognition (fine-tuning, video top-1)\n\nThe paper's recognition "
+            "numbers are 3-split means (spec 17), compared with our mean over splits 1-3 when all "
+            "three exist. The benchmark index lists HMDB51 IIC 38.8 as the 3-split average and 38.3 "
+            "without a split, so the table's HMDB51 numbers may be split 1.\n\n"
+            + _paper_recognition(table, dataset)
+        )
+    for dataset in datasets:
+        parts.append(f"## {dataset}: mean ± std over seeds\n\n" + _seed_tables(table, dataset))
+    if runs:
+        parts.append("## Pretraining runs\n\n" + _pretrain_table(runs))
+    if plots:
+        parts.append("## Plots\n\n" + "".join(f"* `plots/{p.name}`\n" for p in plots))
+    missing = _missing(settings, table, runs)
+    parts.append(
+        "## Missing\n\nExpected from the params.yaml grid of this preset but not found:\n\n"
+        + ("".join(f"* {m}\n" for m in missing) if missing else "* nothing\n")
+    )
+    versions = sorted({s["code_version"] for s in sources})
+    parts.append(
+        "## Sources\n\nEvery number above comes from these files (code versions: "
+        + (", ".join(f"`{v}`" for v in versions) or "none")
+        + "):\n\n"
+        + "".join(f"* `{s['path']}` ({s['kind']}, code `{s['code_version']}`)\n" for s in sources)
+    )
+    return "\n".join(parts)
