@@ -7,7 +7,7 @@ millions of per-frame files are slow for DVC and cluster file systems.
 Store layout (root = ``layout.frame_store(settings, dataset)``)::
 
     videos/<Class>/<name>.jpgs   codec jpeg: the video's frames as JPEGs in one file (format below)
-    videos/<Class>/<name>.npy    codec raw: uint8 array (T, H, W, C), read with np.load(mmap_mode="r")
+    videos/<Class>/<name>.npy    codec raw: a plain uint8 .npy array (T, H, W, C)
     index.csv                    video,frames,height,width,codec,bytes (video = key, see video_key)
     failures.csv                 video,reason,status,detail (one row per issue)
     decode-log.jsonl             one line per stored video with its issues, so a resumed run keeps them
@@ -15,15 +15,19 @@ Store layout (root = ``layout.frame_store(settings, dataset)``)::
 The ``.jpgs`` format: the line ``IICJPGS1``, a one-line JSON header
 ``{"frames": T, "height": H, "width": W, "channels": C, "offsets": [o_0, ..., o_T]}``, then the T
 JPEG images back to back; image i is bytes ``o_i:o_{i+1}`` counted from the end of the header, so a
-reader seeks straight to the frames it needs.
+reader seeks straight to the frames it needs. Frames are encoded with Pillow (4:2:0 chroma, like
+ordinary JPEG frame dumps) and decoded with OpenCV (libjpeg-turbo). A window of a .npy file is one
+positioned read at its byte offset (np.load(path, mmap_mode="r") opens the same file).
 
 Failure policy. The step never stops for a bad video and never drops one silently:
 * ``missing``: the manifest names a file that is not there (excluded).
 * ``unreadable``: the container cannot be opened or has no video stream (excluded).
 * ``corrupt``: not a single frame decodes (excluded).
-* ``truncated``: decoding stopped early, by a decode error or with more than
-  TRUNCATION_TOLERANCE frames fewer than the container header announces. The frames before the
-  break are consecutive; they are kept when there are at least `frames.min_frames` of them.
+* ``truncated``: decoding stopped early: at a packet the demuxer flags as damaged (the cut-off last
+  packet of a truncated file; the decoder would conceal it as a garbage frame), at a decode error,
+  or with more than TRUNCATION_TOLERANCE frames fewer than the container header announces. The
+  frames before the break are consecutive; they are kept (status ``kept``) when there are at least
+  `frames.min_frames` of them.
 * ``metadata``: tags are not valid UTF-8 (PyAV raises UnicodeDecodeError on some HMDB51 files); the
   file is reopened with the undecodable bytes ignored and the video is kept.
 * ``too_short``: fewer than `frames.min_frames` frames (spec 3.1: length = frames - 1 must hold a
