@@ -3,6 +3,14 @@
 Paths come only from `iicrepro.layout` (and the archive names from `iicrepro.data.sources`), so the
 rules, the DVC stages and the Python steps spell each path once. The steps read params.yaml
 themselves; the workflow resolves the same file with the same preset to build the DAG.
+
+Rerunning: a job reruns when its settings change (each rule's `params` carry the settings sections
+its step reads), its shell command or set of inputs changes, or a job it depends on reruns. It must
+not rerun because DVC restored its files with new modification times (`dvc checkout`, `dvc pull`),
+and Snakemake 9 compares modification times whatever `--rerun-triggers` says. So large inputs
+(archives, extracted videos, model weights) are `ancient()`, and each edge between steps also
+carries a small file that Snakemake checksums (manifests, index.csv, metrics.json): with the
+`.snakemake/metadata` records that DVC versions, an identical checksum makes a newer mtime harmless.
 """
 
 import re
@@ -122,9 +130,9 @@ def download(dataset, archive):
 
 
 def archives(wildcards):
-    """The downloaded archives of a dataset, one fetch job each."""
+    """The downloaded archives of a dataset, one fetch job each (large: ancient)."""
     names = sources.archive_filenames(wildcards.dataset).values()
-    return [download(wildcards.dataset, name) for name in names]
+    return [ancient(download(wildcards.dataset, name)) for name in names]
 
 
 def archive_role(wildcards):
@@ -134,7 +142,7 @@ def archive_role(wildcards):
 
 
 def raw(dataset):
-    """Extracted archives; rerunning an interrupted extraction starts it afresh."""
+    """Extracted archives (videos and split files): temporary, removed once split and decoded."""
     return str(layout.raw(SETTINGS, dataset))
 
 
@@ -201,14 +209,22 @@ def pretrain_inputs(wildcards):
     return [manifest(d, SETTINGS.pretrain.split), *view_inputs(d, wildcards.view)]
 
 
-def model_checkpoint(wildcards):
-    """checkpoint.pt of a pretrained model; for `random`, the epoch-0 weights of the same seed."""
+def _source_run(wildcards):
+    """The pretraining run a model comes from; `random` uses the init.pt of the same seed."""
     w = wildcards
-    if w.neg == "random":
-        return str(
-            pretrain_dir(w.backbone, w.view, random_source(), w.seed) / "init.pt"
-        )
-    return str(pretrain_dir(w.backbone, w.view, w.neg, w.seed) / "checkpoint.pt")
+    neg = random_source() if w.neg == "random" else w.neg
+    return pretrain_dir(w.backbone, w.view, neg, w.seed)
+
+
+def model_checkpoint(wildcards):
+    """checkpoint.pt of a pretrained model; for `random`, the epoch-0 init.pt (large: ancient)."""
+    name = "init.pt" if wildcards.neg == "random" else "checkpoint.pt"
+    return ancient(str(_source_run(wildcards) / name))
+
+
+def model_record(wildcards):
+    """metrics.json of the pretraining run: the checksummed edge to the model's weights."""
+    return str(_source_run(wildcards) / "metrics.json")
 
 
 def retrieval_inputs(wildcards):
@@ -254,9 +270,8 @@ def data_targets():
 
 
 def model_targets():
-    files = [str(pretrain_dir(*r) / "checkpoint.pt") for r in pretrained_runs()]
-    files += [str(pretrain_dir(*r) / "init.pt") for r in pretrained_runs()]
-    return files
+    names = ("checkpoint.pt", "init.pt", "metrics.json")
+    return [str(pretrain_dir(*r) / name) for r in pretrained_runs() for name in names]
 
 
 def retrieval_targets():

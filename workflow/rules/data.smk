@@ -38,12 +38,13 @@ rule fetch:
 
 
 rule extract:
-    """Safely extract a dataset's archives (zip, tar, rar, nested rar); an interrupted
-    extraction starts afresh."""
+    """Safely extract a dataset's archives (zip, tar, rar, nested rar). The extracted videos are
+    temporary: the frame store keeps what the pipeline reads, the archives stay in downloads/.
+    """
     input:
         archives,
     output:
-        directory(raw("{dataset}")),
+        temp(directory(raw("{dataset}"))),
     log:
         log_file("extract", "{dataset}"),
     conda:
@@ -59,7 +60,7 @@ rule extract:
 rule splits:
     """Official split files -> split{1,2,3}.csv manifests."""
     input:
-        raw("{dataset}"),
+        ancient(raw("{dataset}")),
     output:
         manifests("{dataset}"),
     log:
@@ -77,7 +78,7 @@ rule splits:
 rule frames:
     """Decode every listed video once into the per-video frame store (resumes per video)."""
     input:
-        raw("{dataset}"),
+        ancient(raw("{dataset}")),
         manifests("{dataset}"),
     output:
         frame_index("{dataset}"),

@@ -7,6 +7,7 @@ rule retrieve:
     input:
         retrieval_inputs,
         checkpoint=model_checkpoint,
+        record=model_record,
     output:
         retrieval_metrics("{dataset}", RUN),
     log:
@@ -30,6 +31,7 @@ rule retrieve_bnrecal:
     input:
         recalibration_inputs,
         checkpoint=model_checkpoint,
+        record=model_record,
     output:
         retrieval_metrics("{dataset}", BNRECAL_RUN),
     log:
@@ -55,6 +57,7 @@ rule finetune:
     input:
         finetune_inputs,
         checkpoint=model_checkpoint,
+        record=model_record,
     output:
         finetune_metrics("{dataset}", "{split}", RUN),
     log:

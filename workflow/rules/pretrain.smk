@@ -10,6 +10,7 @@ rule pretrain:
     output:
         checkpoint=pretrain_file("checkpoint.pt"),
         init=pretrain_file("init.pt"),
+        record=pretrain_file("metrics.json"),
     log:
         log_file("pretrain", RUN),
     wildcard_constraints:
