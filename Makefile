@@ -25,7 +25,8 @@ sysdeps:
 
 demo: venv sysdeps
 	$(BIN)/snakemake --cores $(CORES) --config preset=$(PRESET)
-	@cat results/summary.md
+	@$(PY) -c 'import sys; from iicrepro import config, layout; \
+	print(layout.summary_md(config.load(preset=sys.argv[1])).read_text())' $(PRESET)
 
 test: venv sysdeps
 	$(BIN)/ruff check .
