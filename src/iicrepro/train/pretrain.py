@@ -64,6 +64,7 @@ class StepContext:
     view: str
     intra_negative: str
     amp: str = "none"
+    world: Any = None  # train.distributed.World of a DDP job; None: one process
 
 
 def train_step(ctx: StepContext, batch: dict):
@@ -75,9 +76,9 @@ def train_step(ctx: StepContext, batch: dict):
     """
     import torch
 
-    from iicrepro.method.intra_negative import intra_negative
     from iicrepro.method.memory_bank import nce_loss, positive_rank1
     from iicrepro.method.views import make_view, to_unit
+    from iicrepro.train import distributed as ddp
     from iicrepro.train.devices import autocast
 
     x = to_unit(batch["video"].to(ctx.device, non_blocking=True))
@@ -85,7 +86,7 @@ def train_step(ctx: StepContext, batch: dict):
     if flow is not None:
         flow = to_unit(flow.to(ctx.device, non_blocking=True))
     index = batch["index"].to(ctx.device, non_blocking=True)
-    neg = intra_negative(x, ctx.intra_negative)
+    neg = ddp.intra_negative(x, ctx.intra_negative, ctx.world or ddp.SINGLE)
     with autocast(ctx.device, ctx.amp):
         f1 = ctx.model(x)
         # view rgb: view 2 is the very same feature (spec 5, degenerate upstream option).
@@ -116,14 +117,17 @@ def run_epoch(
     import torch
     from tqdm import tqdm
 
+    from iicrepro.train.distributed import SINGLE
+
+    world = ctx.world or SINGLE
     sums = torch.zeros(2, device=ctx.device)
     steps, first_lr = 0, None
-    batch_size = loader.batch_size
+    batch_size = loader.batch_size * world.size  # the global batch
     start = time.perf_counter()
     bar = tqdm(
         total=steps_per_epoch * batch_size, unit="clip", unit_scale=True, leave=False,
         desc=f"pretrain epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
-        disable=None,  # a bar on terminals only; logs get the one line per epoch
+        disable=None if world.main else True,  # rank 0's bar, on terminals only
     )  # fmt: skip
     with bar:
         for i, batch in enumerate(loader):
@@ -142,7 +146,7 @@ def run_epoch(
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - start
-    loss_mean, rank1_mean = (sums / max(steps, 1)).tolist()
+    loss_mean, rank1_mean = (world.mean(sums) / max(steps, 1)).tolist()
     return {
         "epoch": epoch + 1,
         "loss": loss_mean,
@@ -249,10 +253,10 @@ def pretrain(
     import torch
     from tqdm import tqdm
 
-    from iicrepro.method.memory_bank import MemoryBank
     from iicrepro.models import build_backbone
     from iicrepro.train import checkpoint as ck
-    from iicrepro.train.devices import configure, pick_device, pin_memory
+    from iicrepro.train import distributed as ddp
+    from iicrepro.train.devices import configure, pin_memory
     from iicrepro.train.seeding import rng_state, seed_everything, set_rng_state
 
     p = settings["pretrain"]
@@ -262,7 +266,7 @@ def pretrain(
     )  # fmt: skip
     final, last = out / "checkpoint.pt", out / "ckpt" / "last.pt"
 
-    device = pick_device(device)
+    world, device = ddp.init(device)  # one process, or one rank of a torchrun job
     configure(device)
     seed_everything(seed)
     clips, inputs, counts = training_set(settings, view)
@@ -273,6 +277,7 @@ def pretrain(
             "no batch): lower the batch size or fix the frame store"
         )
     steps_per_epoch = n // batch_size  # drop_last=True (spec 4)
+    ddp.rank_batch_size(batch_size, world)  # under DDP the global batch must split evenly
     plan = _plan(settings, backbone, view, intra_negative, seed, epochs, max_steps, n)
     if final.is_file():
         done = ck.load_checkpoint(final)
@@ -290,17 +295,19 @@ def pretrain(
         "small_input": settings["model"]["small_input"],
     }
     model = build_backbone(backbone, **model_kwargs)
-    bank = MemoryBank(
-        n, model.out_dim, k=p["nce"]["k"], t=p["nce"]["t"], momentum=p["nce"]["momentum"],
+    bank = ddp.memory_bank(
+        world, n, model.out_dim, k=p["nce"]["k"], t=p["nce"]["t"], momentum=p["nce"]["momentum"],
         intra=intra_negative != "none", normalize_features=p["nce"]["normalize_features"],
     )  # fmt: skip
     loader_rng = torch.Generator().manual_seed(seed)
     init = out / "init.pt"
-    if not init.is_file():
+    if world.main and not init.is_file():
         prov = ck.plain(io.provenance(settings, inputs))
         ck.save_checkpoint(init, ck.backbone_state(model, backbone, model_kwargs, seed=seed,
                                                    epoch=0, provenance=prov))  # fmt: skip
     model.to(device)
+    if p["channels_last"] and device.type == "cuda":  # NDHWC convolutions (BENCHMARKS.md "GPU")
+        model.to(memory_format=torch.channels_last_3d)
     bank.to(device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"]
@@ -320,14 +327,22 @@ def pretrain(
         set_rng_state(state["rng"])
         loader_rng.set_state(state["loader_rng"])
         start, rows = state["epoch"], list(state["metrics"])
-        tqdm.write(f"pretrain: resuming {out.name} after epoch {start}/{epochs}")
+        if world.main:
+            tqdm.write(f"pretrain: resuming {out.name} after epoch {start}/{epochs}")
 
-    loader = torch.utils.data.DataLoader(
-        clips, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=p["workers"],
-        generator=loader_rng, pin_memory=pin_memory(device),
-    )  # fmt: skip
-    step_model = torch.compile(model) if p["compile"] else model
-    ctx = StepContext(step_model, bank, optimizer, device, view, intra_negative, p["amp"])
+    if world.distributed:  # this rank's rows of every global batch
+        loader = ddp.data_loader(
+            clips, world, batch_size=batch_size, workers=p["workers"], generator=loader_rng,
+            pin_memory=pin_memory(device),
+        )  # fmt: skip
+    else:
+        loader = torch.utils.data.DataLoader(
+            clips, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=p["workers"],
+            generator=loader_rng, pin_memory=pin_memory(device),
+        )  # fmt: skip
+    step_model = ddp.wrap(model, world, device)  # DDP + synchronised BN in a process group
+    step_model = torch.compile(step_model) if p["compile"] else step_model
+    ctx = StepContext(step_model, bank, optimizer, device, view, intra_negative, p["amp"], world)
     model.train()
     steps_left = max_steps
     for epoch in range(start, epochs):
@@ -336,18 +351,19 @@ def pretrain(
             steps_per_epoch=steps_per_epoch, max_steps=steps_left,
         )  # fmt: skip
         rows.append(row)
-        _write_metrics_csv(out / "metrics.csv", rows)
-        tqdm.write(
-            f"pretrain {out.name} epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} "
-            f"(chance {bank.chance_loss():.2f}), positive first {row['positive_rank1']:.1%}, "
-            f"lr {row['lr']:.3g}, {row['samples_per_s']:.0f} clips/s, {row['seconds']:.1f} s"
-        )
+        if world.main:  # only rank 0 writes and logs
+            _write_metrics_csv(out / "metrics.csv", rows)
+            tqdm.write(
+                f"pretrain {out.name} epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} "
+                f"(chance {bank.chance_loss():.2f}), positive first {row['positive_rank1']:.1%}, "
+                f"lr {row['lr']:.3g}, {row['samples_per_s']:.0f} clips/s, {row['seconds']:.1f} s"
+            )
         if steps_left is not None:
             steps_left -= row["steps"]
             if steps_left <= 0:
                 break
             continue  # a truncated debug run keeps no resume state
-        if (epoch + 1) % p["checkpoint_every"] == 0 or epoch + 1 == epochs:
+        if world.main and ((epoch + 1) % p["checkpoint_every"] == 0 or epoch + 1 == epochs):
             ck.save_checkpoint(last, {
                 "format": ck.FORMAT, "plan": plan, "epoch": epoch + 1, "metrics": rows,
                 "model": model.state_dict(), "bank": bank.state_dict(),
@@ -356,6 +372,9 @@ def pretrain(
                 "rng": rng_state(), "loader_rng": loader_rng.get_state(),
             })  # fmt: skip
 
+    if not world.main:
+        world.barrier()  # returns once rank 0 has written the run's files
+        return out
     chance = bank.chance_loss()
     prov = ck.plain(io.provenance(settings, inputs))
     seconds = [r["seconds"] for r in rows]
@@ -372,6 +391,7 @@ def pretrain(
         "videos": counts,
         "backbone": backbone, "view": view, "intra_negative": intra_negative, "seed": seed,
         "device": str(device),
+        "processes": world.size,
         "provenance": prov,
     }  # fmt: skip
     io.write_json(out / "metrics.json", summary)
@@ -384,6 +404,7 @@ def pretrain(
         settings=ck.plain(settings), provenance=prov,
     ))  # fmt: skip
     _track(settings, out)
+    world.barrier()
     return out
 
 
@@ -424,10 +445,17 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"{what} {value!r} is unknown; choose one of {', '.join(allowed)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError("--max-steps must be at least 1")
-    out = pretrain(
-        settings, backbone=backbone, view=view, intra_negative=neg, seed=seed, out_dir=args.out,
-        max_steps=args.max_steps, epochs=args.epochs, device=args.device,
-    )  # fmt: skip
+    from iicrepro.train import distributed as ddp
+
+    try:
+        out = pretrain(
+            settings, backbone=backbone, view=view, intra_negative=neg, seed=seed,
+            out_dir=args.out, max_steps=args.max_steps, epochs=args.epochs, device=args.device,
+        )  # fmt: skip
+    finally:
+        ddp.shutdown()
+    if not ddp.is_main_process():
+        return 0
     summary = io.read_json(out / "metrics.json")
     print(
         f"pretrain {out}: {summary['epochs']} epochs, final loss {summary['final_loss']:.4f} "
