@@ -122,6 +122,11 @@ def plots(settings: Any) -> Path:
     return _results(settings) / "plots"
 
 
+def bench_json(settings: Any) -> Path:
+    """`iicrepro bench` measurements: loader and training throughput, MFU, memory."""
+    return _results(settings) / "bench.json"
+
+
 def mlflow_pending(settings: Any) -> Path:
     """Run folders whose MLflow logging failed (server down), one JSON line each; `report` retries."""
     return _results(settings) / ".mlflow-pending.jsonl"
