@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# GPU check of iicrepro on one CUDA device, in under 8 minutes on an H100/H200:
+#   1. per backbone (c3d, r3d, r21d, r3d18): bf16 vs fp32 loss on the same batch, training
+#      samples/s and MFU at batch 16, with channels-last 3D, and at the largest batch that fits
+#      (doubling until out of memory);
+#   2. input pipeline with 16 DataLoader workers (ours vs upstream-style JPEG files) and
+#      retrieval feature extraction;
+#   3. the DDP path: `iicrepro pretrain` under torchrun, one process, nccl, on the demo data
+#      made by the real steps (synthesize, fetch, extract, splits, frames).
+# Every part runs under its own time limit; a failed part is reported and the others go on.
+#
+# Usage (from the repository root):
+#   scripts/gpu-check.sh               # the GPU check; results in $OUT (default ./results)
+#   scripts/gpu-check.sh --cpu-smoke   # the same parts, tiny, on the CPU (a minute or two)
+# Writes $OUT/bench-gpu.json (summary + every part's measurements) and $OUT/gpu-check/ (logs).
+# Needs python3 with torch; PyAV and jsonschema come from .whl/*.whl when not importable
+# (installed with pip --target into /tmp/site). MLflow is never used (tracking.enabled=false).
+set -euo pipefail
+
+SMOKE=0
+case "${1:-}" in
+  --cpu-smoke) SMOKE=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--cpu-smoke]" >&2; exit 2 ;;
+esac
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./results}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+DIR="$OUT/gpu-check"
+rm -rf "$DIR"
+mkdir -p "$DIR"
+PY="${PYTHON:-python3}"
+BUDGET="${BUDGET:-470}" # seconds for the whole script; each part gets at most what is left
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+START=$SECONDS
+FAILED=()
+
+log() { echo "== gpu-check [$((SECONDS - START)) s] $*"; }
+
+# part NAME LIMIT_S CMD...: run CMD under a time limit (capped by what is left of BUDGET),
+# teeing its output to $DIR/NAME.log; a failure or timeout is recorded, the script goes on.
+part() {
+  local name=$1 limit=$2 rc=0
+  shift 2
+  local left=$((BUDGET - (SECONDS - START) - 15))
+  ((limit > left)) && limit=$left
+  if ((limit < 20)); then
+    log "$name: skipped, no time left"
+    FAILED+=("$name (no time left)")
+    return 0
+  fi
+  log "$name (limit ${limit} s): $*"
+  { timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee "$DIR/$name.log"; } || rc=$?
+  if ((rc != 0)); then
+    ((rc == 124)) && log "$name: TIMED OUT after ${limit} s" || log "$name: FAILED (exit $rc)"
+    FAILED+=("$name (exit $rc)")
+  else
+    log "$name: done"
+  fi
+}
+
+# ---------------------------------------------------------------------------------- preflight
+if ! "$PY" -c "import av, jsonschema" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  log "installing .whl/*.whl into /tmp/site (PyAV, jsonschema)"
+  "$PY" -m pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+log "environment"
+"$PY" - <<'EOF'
+import importlib, os, sys
+import torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuda available", torch.cuda.is_available(), "| cpus", len(os.sched_getaffinity(0)))
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"{p.total_memory / 2**30:.1f} GiB", "| bf16", torch.cuda.is_bf16_supported())
+for name in ("iicrepro", "av", "cv2", "jsonschema", "PIL", "pandas", "yaml", "tqdm"):
+    try:
+        print(f"  {name:10s}", getattr(importlib.import_module(name), "__version__", "ok"))
+    except Exception as exc:
+        print(f"  {name:10s} MISSING ({type(exc).__name__}: {exc})")
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv || true
+
+# Our frame store's codec: jpeg (the paper-size setting) needs OpenCV to read; raw otherwise.
+CODEC=jpeg
+if ! "$PY" -c "import cv2" 2>/dev/null; then
+  CODEC=raw
+  log "OpenCV (cv2) is not importable: our loader reads the raw (uint8) store instead of jpeg"
+fi
+
+SETS=(--set tracking.enabled=false)
+if ((SMOKE)); then
+  DEVICE=cpu
+  BACKBONES=(r3d)
+  TRAIN=(--quick --steps 1)
+  LOADER=(--quick --videos 2 --frames 20 --workers 1 --loader-batches 2 --loader-batch-size 2)
+  DDP=(--max-steps 2)
+  LIMITS=(60 120 240)
+else
+  DEVICE=cuda
+  BACKBONES=(c3d r3d r21d r3d18)
+  TRAIN=(--amp bf16 --batch-size 16 --channels-last --max-batch --max-batch-seconds 25)
+  LOADER=(--workers 16 --loader-batches 100)
+  DDP=(--epochs 2 --set pretrain.amp=bf16 --set pretrain.workers=4)
+  LIMITS=(75 150 120)
+fi
+
+# ------------------------------------------------------- 1. amp agreement, train samples/s, MFU
+for b in "${BACKBONES[@]}"; do
+  part "train-$b" "${LIMITS[0]}" "$PY" -m iicrepro.cli bench "${SETS[@]}" --device "$DEVICE" \
+    --parts amp train --backbones "$b" "${TRAIN[@]}" --out "$DIR/train-$b.json"
+done
+
+# ------------------------------------------------------------------- 2. loader and retrieval
+part loader "${LIMITS[1]}" "$PY" -m iicrepro.cli bench "${SETS[@]}" --device "$DEVICE" \
+  --parts loader retrieval --backbones "${BACKBONES[@]}" --codec "$CODEC" "${LOADER[@]}" \
+  --out "$DIR/loader.json"
+
+# ------------------------------------------------------ 3. DDP: torchrun, one process, nccl/gloo
+ddp_smoke() {
+  set -euo pipefail
+  local w
+  w="$(mktemp -d)" # data and run folder outside $OUT; only the metrics are kept
+  trap "rm -rf '$w'" EXIT
+  local s=(--preset demo --set "paths.data=$w/data" --set "paths.results=$w/results" "${SETS[@]}")
+  "$PY" -m iicrepro.cli synthesize "${s[@]}"
+  for step in fetch extract splits frames; do
+    "$PY" -m iicrepro.cli "$step" synthetic "${s[@]}"
+  done
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node=1 -m iicrepro.cli pretrain \
+    "${s[@]}" "${DDP[@]}" --device "$DEVICE" --out "$w/run"
+  cp "$w/run/metrics.json" "$DIR/ddp.json"
+  cp "$w/run/metrics.csv" "$DIR/ddp-metrics.csv"
+}
+export -f ddp_smoke
+export DIR PY DEVICE
+export SETS_STR="${SETS[*]}" DDP_STR="${DDP[*]}"
+part ddp "${LIMITS[2]}" bash -c 'SETS=($SETS_STR); DDP=($DDP_STR); ddp_smoke'
+
+# -------------------------------------------------------------------------------- summary
+log "summary"
+FAILED_STR="$(printf '%s\n' "${FAILED[@]+"${FAILED[@]}"}")"
+export FAILED_STR OUT SMOKE CODEC
+export ELAPSED=$((SECONDS - START))
+"$PY" - <<'EOF'
+import json, os
+from pathlib import Path
+
+d = Path(os.environ["DIR"])
+parts = {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+summary = {"device": None, "codec": os.environ["CODEC"], "train": {}}
+for name, r in parts.items():
+    summary["device"] = summary["device"] or r.get("device_name")
+    if name.startswith("train-"):
+        b = name[len("train-"):]
+        t = r.get("train", {}).get(b, {})
+        big = (t.get("max_batch") or {}).get("largest") or {}
+        cl = t.get("channels_last") or {}
+        summary["train"][b] = {
+            "samples_per_s_b16": t.get("train_samples_per_s"), "mfu_b16": t.get("mfu"),
+            "peak_cuda_mib_b16": t.get("peak_cuda_mib"),
+            "channels_last_speedup": cl.get("speedup"),
+            "max_batch": big.get("batch_size"), "samples_per_s_max": big.get("train_samples_per_s"),
+            "mfu_max": big.get("mfu"), "peak_cuda_mib_max": big.get("peak_cuda_mib"),
+            "max_batch_stopped_by": (t.get("max_batch") or {}).get("stopped_by"),
+            "amp": r.get("amp_agreement", {}).get(b), "error": t.get("error"),
+        }
+loader = parts.get("loader", {})
+for k in ("loader_samples_per_s", "loader_flow_samples_per_s", "baseline_loader_samples_per_s",
+          "loader_speedup_vs_jpeg", "retrieval_videos_per_s"):
+    summary[k] = loader.get(k)
+ddp = parts.get("ddp")
+summary["ddp"] = ddp and {k: ddp.get(k) for k in ("processes", "device", "epochs", "steps",
+                                                 "final_loss", "chance_loss", "samples_per_s")}
+failed = [f for f in os.environ["FAILED_STR"].splitlines() if f]
+result = {"summary": summary, "failed": failed, "cpu_smoke": os.environ["SMOKE"] == "1",
+          "seconds": int(os.environ["ELAPSED"]), "parts": parts}
+out = Path(os.environ["OUT"]) / "bench-gpu.json"
+out.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+print(json.dumps(summary, indent=2, default=str))
+print("failed parts:", failed or "none")
+print("wrote", out)
+EOF
+log "finished in $((SECONDS - START)) s"
+((${#FAILED[@]} == 0))
