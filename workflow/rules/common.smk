@@ -163,6 +163,17 @@ def flow_index(dataset):
     return str(layout.flow_store(SETTINGS, dataset) / "index.csv")
 
 
+def flow_chunk_done(dataset):
+    """Marker of a finished flow chunk ({scatteritem} = '<i>-of-<n>', 1-based)."""
+    return str(layout.flow_store(SETTINGS, dataset) / "chunks" / "{scatteritem}.done")
+
+
+def flow_chunk(wildcards):
+    """`iicrepro flow --chunk I/N` (0-based) of a scatter item '<i>-of-<n>'."""
+    i, n = wildcards.scatteritem.split("-of-")
+    return f"{int(i) - 1}/{n}"
+
+
 def pretrain_dir(backbone, view, neg, seed):
     return layout.pretrain_dir(SETTINGS, backbone, view, neg, seed)
 

@@ -95,20 +95,42 @@ rule frames:
         " {wildcards.dataset} --workers {threads} > {log} 2>&1"
 
 
-rule flow:
-    """TV-L1 optical flow (u, v) into a per-video store; only the u and v views need it."""
+rule flow_chunk:
+    """TV-L1 optical flow (u, v) of one chunk of the videos (the u and v views need it); the
+    chunks are independent jobs (Snakefile `scattergather`, raised by the Slurm profile).
+    """
     input:
         frame_index("{dataset}"),
     output:
-        flow_index("{dataset}"),
+        touch(flow_chunk_done("{dataset}")),
     log:
-        log_file("flow", "{dataset}"),
+        log_file("flow", "{dataset}", "{scatteritem}"),
     conda:
         "../envs/iicrepro.yaml"
-    threads: 4
+    threads: SETTINGS.flow.workers
     params:
         preset=PRESET,
-        settings=settings_of("frames"),
+        settings=settings_of("frames", "flow"),
+        chunk=flow_chunk,
     shell:
         "iicrepro flow --params params.yaml --preset {params.preset}"
-        " {wildcards.dataset} > {log} 2>&1"
+        " {wildcards.dataset} --workers {threads} --chunk {params.chunk} > {log} 2>&1"
+
+
+rule flow:
+    """The flow store's indexes, once every chunk is done."""
+    input:
+        gather.flow(flow_chunk_done("{{dataset}}")),
+    output:
+        flow_index("{dataset}"),
+    log:
+        log_file("flow", "{dataset}", "merge"),
+    conda:
+        "../envs/iicrepro.yaml"
+    threads: 1
+    params:
+        preset=PRESET,
+        settings=settings_of("frames", "flow"),
+    shell:
+        "iicrepro flow --params params.yaml --preset {params.preset}"
+        " {wildcards.dataset} --merge > {log} 2>&1"
