@@ -35,7 +35,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     g.add_argument("--preset", default=None, help="preset to apply (default: params.yaml 'preset')")
     g.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one base setting, e.g. --set pretrain.epochs=2 (repeatable)",
     )
 

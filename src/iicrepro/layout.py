@@ -97,7 +97,9 @@ def parse_run_name(name: str) -> dict | None:
 def pretrain_dir(settings: Any, backbone: str, view: str, intra_negative: str, seed: int) -> Path:
     """checkpoint.pt (final), ckpt/last.pt (resume), init.pt (epoch-0 weights), metrics.csv/json."""
     dataset = settings["pretrain"]["dataset"]
-    return _results(settings) / "pretrain" / dataset / run_name(backbone, view, intra_negative, seed)
+    return (
+        _results(settings) / "pretrain" / dataset / run_name(backbone, view, intra_negative, seed)
+    )
 
 
 def retrieval_dir(settings: Any, dataset: str, run: str) -> Path:
