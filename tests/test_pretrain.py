@@ -88,8 +88,9 @@ def run(settings, out, **kw):
 def test_pretrain_end_to_end(settings, tmp_path):
     out = run(settings, None)
     assert out == layout.pretrain_dir(settings, "r3d", "residual", "repeat", 0)
-    for name in ("init.pt", "ckpt/last.pt", "metrics.csv", "metrics.json", "checkpoint.pt"):
+    for name in ("init.pt", "metrics.csv", "metrics.json", "checkpoint.pt"):
         assert (out / name).is_file(), name
+    assert not (out / "ckpt" / "last.pt").exists()  # spent once the run has finished
     rows = pd.read_csv(out / "metrics.csv")
     assert list(rows.columns) == pt.METRIC_COLUMNS
     assert rows["epoch"].tolist() == [1, 2] and np.isfinite(rows["loss"]).all()

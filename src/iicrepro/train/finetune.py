@@ -411,6 +411,7 @@ def finetune(
         "provenance": io.provenance(settings, [checkpoint, manifest]),
     }  # fmt: skip
     io.write_json(out / "metrics.json", metrics)
+    trainer.last.unlink(missing_ok=True)  # spent: a rerun with new settings starts anew
     _log_mlflow(settings, out)
     return out
 

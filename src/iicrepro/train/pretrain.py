@@ -403,6 +403,8 @@ def pretrain(
         view=view, intra_negative=intra_negative, seed=seed, epoch=len(rows), plan=plan,
         settings=ck.plain(settings), provenance=prov,
     ))  # fmt: skip
+    if world.main:  # a finished run's resume state is spent; a rerun with new settings starts anew
+        last.unlink(missing_ok=True)
     _track(settings, out)
     world.barrier()
     return out
