@@ -62,6 +62,7 @@ def build(settings: Any, mlflow: bool = True) -> dict:
         table.to_csv(tmp, index=False)
     plots = make_plots(settings, table, curves)
     io.write_text(md_path, render_md(settings, table, curves, sources, plots))
+    io.write_json(csv_path.with_name("summary.json"), metrics_tree(table))
     if mlflow and track.tracking_uri(settings):
         logged, pending = track.sync_pending(settings)
         if logged or pending:
@@ -77,6 +78,22 @@ def build(settings: Any, mlflow: bool = True) -> dict:
             metrics["mean_abs_delta"] = float(table.loc[with_paper, "delta"].abs().mean())
         track.log_summary(settings, artifacts, metrics)
     return {"csv": csv_path, "md": md_path, "plots": plots}
+
+
+def metrics_tree(table) -> dict:
+    """summary.csv as nested JSON for `dvc metrics`: protocol / dataset / run / metric -> value."""
+    tree: dict = {}
+    for row in table.to_dict("records"):
+        run = f"{row['backbone']}-{row['view']}-{row['intra_negative']}-s{row['seed']}"
+        if isinstance(row.get("variant"), str) and row["variant"]:
+            run += f"-{row['variant']}"
+        run += f"/split{row['split']}"
+        metric = row["metric"]
+        if isinstance(row.get("modality"), str) and row["modality"]:
+            metric = f"{row['modality']}_{metric}"
+        node = tree.setdefault(row["protocol"], {}).setdefault(row["dataset"], {})
+        node.setdefault(run, {})[metric] = float(row["value"])
+    return tree
 
 
 # --------------------------------------------------------------------------- reading results
