@@ -479,3 +479,13 @@ def _append_pending(settings: Any, kind: str, run_dir: Path, reason: str) -> Non
             os.fsync(f.fileno())
     except OSError as exc:
         log.warning("MLflow: could not record %s as pending (%s)", run_dir, _short(exc))
+
+
+def log_best_effort(protocol: str, settings: Any, run_dir: Path) -> None:
+    """Mirror one finished run's metric files to MLflow; any failure only warns (the files are
+    the source of truth, and a tracking problem must never fail a pipeline job)."""
+    loggers = {"pretrain": log_pretrain, "retrieval": log_retrieval, "finetune": log_finetune}
+    try:
+        loggers[protocol](settings, run_dir)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: MLflow logging of {run_dir} skipped ({type(exc).__name__}: {exc})")

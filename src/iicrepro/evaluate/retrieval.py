@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from iicrepro import io, layout
+from iicrepro import io, layout, track
 from iicrepro.errors import UserError
 
 VIEWS = ("rgb", "residual", "u", "v")
@@ -425,18 +425,8 @@ def retrieve(
     lines += [f"{x['modality']},{x['metric']},{x['metric'][3:]},{x['value']:.4f}" for x in rows]
     io.write_text(out / "topk.csv", "\n".join(lines) + "\n")
     io.write_json(out / "metrics.json", result)
-    _log_mlflow(settings, out)
+    track.log_best_effort("retrieval", settings, out)
     return out
-
-
-def _log_mlflow(settings: Any, out: Path) -> None:
-    """The metric files are the source of truth; tracking is best effort, never fatal."""
-    try:
-        from iicrepro.track import log_retrieval
-
-        log_retrieval(settings, out)
-    except Exception as exc:  # noqa: BLE001 - any tracking failure only warns
-        print(f"warning: MLflow logging skipped ({type(exc).__name__}: {exc})")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from iicrepro import io, layout
+from iicrepro import io, layout, track
 from iicrepro.errors import UserError
 from iicrepro.train.checkpoint import FORMAT
 
@@ -412,18 +412,8 @@ def finetune(
     }  # fmt: skip
     io.write_json(out / "metrics.json", metrics)
     trainer.last.unlink(missing_ok=True)  # spent: a rerun with new settings starts anew
-    _log_mlflow(settings, out)
+    track.log_best_effort("finetune", settings, out)
     return out
-
-
-def _log_mlflow(settings: Any, out: Path) -> None:
-    """Metrics files are the source of truth; tracking is best effort and never fails the job."""
-    try:
-        from iicrepro.track import log_finetune
-
-        log_finetune(settings, out)
-    except Exception as exc:  # noqa: BLE001 - any tracking failure only warns
-        print(f"warning: MLflow logging skipped ({type(exc).__name__}: {exc})")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iicrepro import io, layout
+from iicrepro import io, layout, track
 from iicrepro.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -223,18 +223,6 @@ def _plan_mismatch(old: dict, new: dict) -> str:
     )
 
 
-def _track(settings: Any, run_dir: Path) -> None:
-    """MLflow logging when the tracking module is present; never fails the run."""
-    try:
-        from iicrepro import track
-    except ImportError:
-        return
-    try:
-        track.log_pretrain(settings, run_dir)
-    except Exception as exc:  # tracking is a mirror of the metric files, never a reason to fail
-        log.warning("MLflow logging of %s failed: %s", run_dir, exc)
-
-
 # ------------------------------------------------------------------------------------- the run
 def pretrain(
     settings: Any,
@@ -405,7 +393,7 @@ def pretrain(
     ))  # fmt: skip
     if world.main:  # a finished run's resume state is spent; a rerun with new settings starts anew
         last.unlink(missing_ok=True)
-    _track(settings, out)
+    track.log_best_effort("pretrain", settings, out)
     world.barrier()
     return out
 
