@@ -87,7 +87,6 @@ def test_plots_show_the_report_figures(repro, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="`iicrepro report` does not write results/summary.json yet", strict=False)
 def test_metrics_show_the_summary(repro):
     project, _ = repro
     shown = json.loads(project.run("dvc", "metrics", "show", "--json").stdout)

@@ -242,11 +242,6 @@ def test_new_mtimes_rerun_nothing_but_a_changed_setting_reruns_its_jobs(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="finetune refuses the ckpt/last.pt its finished run left behind, made with other "
-    "settings, instead of starting over (same in pretrain)",
-    strict=False,
-)
 def test_changed_setting_reruns_its_jobs_to_the_end(tmp_path_factory, tmp_path):
     ref = reference_demo(tmp_path_factory)
     project = Project(tmp_path / "copy")
