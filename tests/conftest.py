@@ -19,3 +19,14 @@ def session_mlflow_uri(tmp_path_factory):
 def _isolated_tracking(session_mlflow_uri, monkeypatch):
     """Steps run by tests log here unless a test sets MLFLOW_TRACKING_URI itself."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", session_mlflow_uri)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,14 +11,7 @@ from torch.nn import functional as F
 
 from iicrepro.method.memory_bank import MemoryBank, chance_loss, nce_loss, positive_rank1
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bank_with_coded_rows(n=10, dim=4, k=5, intra=True, t=0.5, momentum=0.5):

@@ -24,13 +24,7 @@ PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 VIDEOS, FRAMES, SIZE = 12, 10, 28
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def overrides(root: Path, **extra) -> list[str]:
