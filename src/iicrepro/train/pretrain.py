@@ -166,6 +166,7 @@ def training_set(settings: Any, view: str):
 
     from iicrepro.data.clips import PretrainClips
     from iicrepro.data.frames import FrameStore, usable
+    from iicrepro.evaluate.retrieval import flow_stores
 
     p = settings["pretrain"]
     manifest = layout.manifest(settings, p["dataset"], p["split"])
@@ -176,20 +177,19 @@ def training_set(settings: Any, view: str):
     df = pd.read_csv(manifest)
     train = df[df["subset"] == "train"].reset_index(drop=True)
     store = FrameStore(layout.frame_store(settings, p["dataset"]))
-    kept, excluded = usable(train, store, settings["frames"]["min_frames"])
-    flow_stores = None
-    if view in ("u", "v"):
-        root = layout.flow_store(settings, p["dataset"]) / view
-        if not (root / "index.csv").is_file():
-            raise UserError(
-                f"flow store {root} not found: run `iicrepro flow {p['dataset']}` first"
-            )
-        flow_stores = {view: FrameStore(root)}
+    min_frames = settings["frames"]["min_frames"]
+    kept, excluded = usable(train, store, min_frames)
+    flows = flow_stores(settings, p["dataset"], view)
+    no_flow = 0
+    for flow in (flows or {}).values():  # a video with frames but no flow is left out, counted
+        kept, missing = usable(kept, flow, min_frames - 1)  # flow has one frame fewer (spec 3.1)
+        no_flow += len(missing)
     clips = PretrainClips(
         kept, store, clip_len=settings["clips"]["length"], crop=settings["clips"]["crop"],
-        flow_stores=flow_stores,
+        flow_stores=flows,
     )  # fmt: skip
-    counts = {"listed": len(train), "used": len(kept), "excluded": len(excluded)}
+    # excluded: failed decoding, or (u / v views) no flow
+    counts = {"listed": len(train), "used": len(kept), "excluded": len(excluded) + no_flow}
     return clips, [manifest, store.root / "index.csv"], counts
 
 
