@@ -85,17 +85,32 @@ def validate(settings: Mapping) -> None:
         )
 
 
+def preset_overrides(presets: Mapping, name: str) -> dict:
+    """A preset's overrides with those of the presets it `extends` merged in first."""
+    chain: list[str] = []
+    while name is not None:
+        if name in chain:
+            raise ConfigError(f"presets extend each other in a loop: {' -> '.join([*chain, name])}")
+        if name not in presets:
+            known = ", ".join(sorted(presets)) or "none"
+            where = f" (extended by preset {chain[-1]!r})" if chain else ""
+            raise ConfigError(f"unknown preset {name!r}{where}; params.yaml defines: {known}")
+        chain.append(name)
+        name = (presets[name] or {}).get("extends")
+    merged: dict = {}
+    for link in reversed(chain):
+        own = {k: v for k, v in (presets[link] or {}).items() if k != "extends"}
+        merged = deep_merge(merged, own)
+    return merged
+
+
 def resolve(
     raw: Mapping, preset: str | None = None, overrides: list[str] | None = None
 ) -> Settings:
     """Merge the selected preset into the base settings, apply overrides, validate."""
     name = preset or raw.get("preset", "paper")
     presets = raw.get("presets") or {}
-    if name not in presets:
-        raise ConfigError(
-            f"unknown preset {name!r}; params.yaml defines: {', '.join(sorted(presets)) or 'none'}"
-        )
-    merged = deep_merge(raw, presets[name] or {})
+    merged = deep_merge(raw, preset_overrides(presets, name))
     merged["preset"] = name
     for item in overrides or []:
         if "=" not in item:
