@@ -15,11 +15,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from project import LONG_PRETRAIN, ROOT, SHRUNK_DEMO, VENV_BIN, Project, reference_demo
 
-from iicrepro import layout
+from iicrepro import config, layout, report
 
 
 def summary_files(project: Project, *args: str) -> dict[str, list[str]]:
@@ -95,6 +96,15 @@ def test_paper_dry_run_lists_the_full_grid(bare):
     dry = bare.snakemake("-n", "--config", "preset=paper", timeout=300).stdout
     counts = job_counts(dry)
     assert counts["pretrain"] == 27 and counts["retrieve"] == 72 and counts["finetune"] == 162
+    assert counts["retrieve_bnrecal"] == 18
+
+    # the report expects exactly what the workflow makes (one grid definition, iicrepro.grid)
+    settings = config.load(bare.root / "params.yaml", "paper")
+    made = {f"pretrain ucf101/{Path(f).parent.name}" for f in files["pretrain"]}
+    made |= {f"retrieval {d}/{r}" for d, r in retrieved | recal}
+    made |= {f"finetune {d}/{k}/{r}" for d, k, r in tuned}
+    empty = pd.DataFrame(columns=report.COLUMNS)
+    assert set(report._missing(settings, empty, {})) == made
 
 
 def test_demo_dry_run_is_the_demo_grid(bare):

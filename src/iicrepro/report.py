@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from iicrepro import io, layout, paper, track
+from iicrepro import grid, io, layout, paper, track
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ def build(settings: Any, mlflow: bool = True) -> dict:
             "rows": len(table),
             "rows_with_paper_value": int(with_paper.sum()),
             "pretrain_runs": len(curves),
+            "expected_results": len(grid.expected(settings)),
+            "missing_results": len(_missing(settings, table, curves)),
         }
         if with_paper.any():
             metrics["mean_abs_delta"] = float(table.loc[with_paper, "delta"].abs().mean())
@@ -444,26 +446,18 @@ def _pretrain_table(runs: dict) -> str:
 
 
 def _missing(settings: Any, table, runs: dict) -> list[str]:
-    """Results the params.yaml grid implies but that were not found."""
-    pt = settings["pretrain"]
-    grid = [(b, v, n, s) for b in pt["backbones"] for v in pt["views"]
-            for n in pt["intra_negatives"] for s in pt["seeds"]]  # fmt: skip
-    names = [layout.run_name(*g) for g in grid]
-    random_names = sorted({layout.run_name(b, v, "random", s) for b, v, _, s in grid})
-    missing = [f"pretrain {pt['dataset']}/{n}" for n in names
-               if not (runs.get((pt["dataset"], n)) or {}).get("final")]  # fmt: skip
+    """Results the preset's grid (iicrepro.grid, as the workflow builds it) implies but that were
+    not found."""
     have = {(r.dataset, r.protocol, Path(r.source.split(";")[0]).parent.name, r.split)
             for r in table.itertuples()}  # fmt: skip
-    for d in settings["retrieval"]["datasets"]:
-        split = str(settings["retrieval"]["split"])
-        missing += [f"retrieval {d}/{n}" for n in names + random_names
-                    if (d, "retrieval", n, split) not in have]  # fmt: skip
-    inits = settings["finetune"]["inits"]
-    ft_names = (names if "iic" in inits else []) + (random_names if "random" in inits else [])
-    for d in settings["finetune"]["datasets"]:
-        for k in settings["finetune"]["splits"]:
-            missing += [f"finetune {d}/split{k}/{n}" for n in ft_names
-                        if (d, "finetune", n, str(k)) not in have]  # fmt: skip
+    missing = []
+    for r in grid.expected(settings):
+        if r.protocol == "pretrain":
+            found = bool((runs.get((r.dataset, r.run)) or {}).get("final"))
+        else:
+            found = (r.dataset, r.protocol, r.run, str(r.split)) in have
+        if not found:
+            missing.append(str(r))
     return missing
 
 

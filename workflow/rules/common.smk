@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from iicrepro import config as iic_config
-from iicrepro import layout
+from iicrepro import grid, layout
 from iicrepro.data import sources
 
 PARAMS = "params.yaml"
@@ -82,46 +82,24 @@ def log_file(step, *parts):
 
 
 # ------------------------------------------------------------------------------ the grid
+# Defined once in iicrepro.grid, which `report` (its "Missing" list) and the MLflow summary share.
 def pretrained_runs():
-    """(backbone, view, intra_negative, seed) of every model the preset pretrains."""
-    p = SETTINGS.pretrain
-    return [
-        (b, v, n, s)
-        for b in p.backbones
-        for v in p.views
-        for n in p.intra_negatives
-        for s in p.seeds
-    ]
+    """Every model the preset pretrains (grid.Run: backbone, view, neg, seed)."""
+    return grid.pretrained_runs(SETTINGS)
 
 
 def random_source():
     """The pretraining run whose init.pt (epoch-0 weights) is the random-init baseline."""
-    negs = SETTINGS.pretrain.intra_negatives
-    return "repeat" if "repeat" in negs else negs[0]
-
-
-def all_runs():
-    """Every evaluated model: the pretrained ones plus one random init per backbone/view/seed."""
-    p = SETTINGS.pretrain
-    randoms = [
-        (b, v, "random", s) for b in p.backbones for v in p.views for s in p.seeds
-    ]
-    return pretrained_runs() + randoms
-
-
-def finetune_runs():
-    """Models fine-tuned: those whose init (iic, cmc, random) the preset lists."""
-    return [r for r in all_runs() if layout.init_of(r[2]) in SETTINGS.finetune.inits]
+    return grid.random_source(SETTINGS)
 
 
 def needed_datasets():
-    """Datasets whose data the preset uses: pretraining, retrieval and fine-tuning."""
-    names = [
-        SETTINGS.pretrain.dataset,
-        *SETTINGS.retrieval.datasets,
-        *SETTINGS.finetune.datasets,
-    ]
-    return list(dict.fromkeys(names))
+    return grid.needed_datasets(SETTINGS)
+
+
+def expected(protocol):
+    """The grid's results of one protocol (grid.Result: dataset, run, split)."""
+    return [r for r in grid.expected(SETTINGS) if r.protocol == protocol]
 
 
 # ------------------------------------------------------------------------------ paths
@@ -282,28 +260,20 @@ def data_targets():
 
 def model_targets():
     names = ("checkpoint.pt", "init.pt", "metrics.json")
-    return [str(pretrain_dir(*r) / name) for r in pretrained_runs() for name in names]
+    return [
+        str(pretrain_dir(r.backbone, r.view, r.neg, r.seed) / name)
+        for r in pretrained_runs()
+        for name in names
+    ]
 
 
 def retrieval_targets():
-    files = []
-    for d in SETTINGS.retrieval.datasets:
-        for r in all_runs():
-            run = layout.run_name(*r)
-            files.append(retrieval_metrics(d, run))
-            if r[2] == "random":
-                files.append(retrieval_metrics(d, f"{run}-bnrecal"))
-    return files
+    """Every model and random init, plus each random init with BN recalibrated."""
+    return [retrieval_metrics(r.dataset, r.run) for r in expected("retrieval")]
 
 
 def finetune_targets():
-    f = SETTINGS.finetune
-    return [
-        finetune_metrics(d, k, layout.run_name(*r))
-        for d in f.datasets
-        for k in f.splits
-        for r in finetune_runs()
-    ]
+    return [finetune_metrics(r.dataset, r.split, r.run) for r in expected("finetune")]
 
 
 def evaluation_targets():
