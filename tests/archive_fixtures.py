@@ -237,6 +237,9 @@ def write_rar4(path: Path, items: Iterable[Entry] | dict[str, bytes]) -> Path:
 # File header fields: FILE_FLAGS vint (0x0001 directory, 0x0004 data CRC32 present),
 # UNPACKED_SIZE vint, ATTRIBUTES vint (Unix mode), [DATA_CRC32 u32], COMPRESSION vint
 # (0 = version 0, stored), HOST_OS vint (1 = Unix), NAME_LENGTH vint, NAME (UTF-8, '/').
+# A symlink has header flag 0x0001 (an extra area follows, its size as a vint before the data
+# size) and an extra record: SIZE vint, TYPE vint (5 = file system redirection), REDIRECTION_TYPE
+# vint (1 = Unix symlink), FLAGS vint, NAME_LENGTH vint, target NAME; it has no data.
 
 
 def _vint(n: int) -> bytes:
@@ -248,11 +251,15 @@ def _vint(n: int) -> bytes:
             return bytes(out)
 
 
-def _rar5_block(head_type: int, flags: int, fields: bytes, data_size: int | None = None) -> bytes:
-    body = _vint(head_type) + _vint(flags)
+def _rar5_block(
+    head_type: int, flags: int, fields: bytes, data_size: int | None = None, extra: bytes = b""
+) -> bytes:
+    body = _vint(head_type) + _vint(flags | (0x0001 if extra else 0))
+    if extra:
+        body += _vint(len(extra))
     if data_size is not None:
         body += _vint(data_size)
-    body += fields
+    body += fields + extra
     sized = _vint(len(body)) + body
     return struct.pack("<I", zlib.crc32(sized)) + sized
 
@@ -260,22 +267,25 @@ def _rar5_block(head_type: int, flags: int, fields: bytes, data_size: int | None
 def rar5_bytes(items: Iterable[Entry] | dict[str, bytes]) -> bytes:
     out = [b"Rar!\x1a\x07\x01\x00", _rar5_block(1, 0, _vint(0))]
     for e in _entries(items):
-        if e.kind == "symlink":
-            raise ValueError("the RAR 5 writer does not write symlinks")
         is_dir = e.kind == "dir"
-        data = b"" if is_dir else e.data
+        data = b"" if is_dir or e.kind == "symlink" else e.data
+        mode = {"dir": 0o40755, "symlink": 0o120777}.get(e.kind, 0o100644)
         name = e.name.encode()
         fields = (
             _vint(0x0001 if is_dir else 0x0004)
             + _vint(len(data))
-            + _vint(0o40755 if is_dir else 0o100644)
+            + _vint(mode)
             + (b"" if is_dir else struct.pack("<I", zlib.crc32(data)))
             + _vint(0)
             + _vint(1)
             + _vint(len(name))
             + name
         )
-        out += [_rar5_block(2, 0x0002, fields, len(data)), data]
+        extra = b""
+        if e.kind == "symlink":
+            record = _vint(5) + _vint(1) + _vint(0) + _vint(len(e.link)) + e.link.encode()
+            extra = _vint(len(record)) + record
+        out += [_rar5_block(2, 0x0002, fields, len(data), extra), data]
     out.append(_rar5_block(5, 0, _vint(0)))
     return b"".join(out)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -229,12 +230,20 @@ def test_safe_links_inside_the_target_are_allowed():
         Member("data/real.avi", "file"),
         Member("data/alias.avi", "symlink", "real.avi"),
         Member("short", "symlink", "data"),
-        Member("short/through.avi", "file"),
+        Member("via.avi", "symlink", "short/real.avi"),
         Member("copy.avi", "hardlink", "data/real.avi"),
     ]
     assert unsafe_members(members) == []
     assert unsafe_members([*members, Member("short/../../x", "file")]) != []
     assert unsafe_members([Member("loop", "symlink", "loop/x")]) != []
+    # Nothing is written through a symlink, even one that stays inside.
+    assert unsafe_members([*members, Member("short/through.avi", "file")]) == [
+        "'short/through.avi' (written through the symlink 'short', in the archive)"
+    ]
+    assert (
+        "already in the target"
+        in unsafe_members([Member("short/x.avi", "file")], present={"short": "data"})[0]
+    )
 
 
 def test_bsdtar_listing_parses_links(tmp_path):
@@ -253,7 +262,12 @@ def test_bsdtar_listing_parses_links(tmp_path):
     assert members == {"d": ("dir", ""), "d/a b.txt": ("file", ""), "d/l": ("symlink", "../../up")}
 
 
-def test_contents_larger_than_the_free_space_are_refused(tmp_path):
+def test_contents_larger_than_the_free_space_are_refused(tmp_path, monkeypatch):
+    from iicrepro.data import archives
+
+    # A 78-byte archive declaring more than the free space is a bomb first; lift that limit to
+    # reach the free-space check.
+    monkeypatch.setattr(archives, "MAX_EXPANSION", 1 << 62)
     huge = shutil.disk_usage(tmp_path).free + (8 << 30)  # > 4 GiB: the 64-bit size fields
     archive = write_rar4(tmp_path / "big.rar", [Entry("v/huge.avi", b"x", claimed_size=huge)])
     assert [m.size for m in list_members(archive)] == [huge]
@@ -286,3 +300,150 @@ def test_damaged_rar_is_a_user_error_and_leaves_nothing(tmp_path):
     with pytest.raises(UserError, match="damaged"):
         extract(tmp_path / "a.rar", tmp_path / "out" / "t")
     assert list((tmp_path / "out").iterdir()) == []  # no target, no temporary folder
+
+
+# ---------------------------------------------------------------------------------- across archives
+
+WRITERS = {"zip": write_zip, "tar": write_tar, "rar4": write_rar4, "rar5": write_rar5}
+
+
+def escape_pair(folder: Path, fmt: str, levels: int) -> tuple[Path, Path]:
+    """Archive 1 leaves a folder x/ and p -> q/.../q/x/../..(levels + 1 times); harmless while q is
+    a plain folder. Archive 2 holds q -> . (which turns p into a path `levels` folders above the
+    target) and p/evil.txt."""
+    suffix = ".zip" if fmt == "zip" else ".tar" if fmt == "tar" else ".rar"
+    link = "q/" * levels + "x" + "/.." * (levels + 1)
+    first = WRITERS[fmt](
+        folder / f"first{suffix}",
+        [Entry("x", kind="dir"), Entry("p", kind="symlink", link=link)],
+    )
+    second = WRITERS[fmt](
+        folder / f"second{suffix}",
+        [Entry("q", kind="symlink", link="."), Entry("p/evil.txt", b"evil")],
+    )
+    return first, second
+
+
+@pytest.mark.parametrize("levels", [6, 1], ids=["deep", "one-level"])
+@pytest.mark.parametrize("fmt", ["zip", "tar", "rar4", "rar5"])
+@pytest.mark.parametrize("order", ["link-first", "escape-first"])
+def test_two_archives_cannot_build_an_escape(tmp_path, fmt, levels, order):
+    arcs = tmp_path / "archives"
+    arcs.mkdir()
+    first, second = escape_pair(arcs, fmt, levels)
+    target = tmp_path.joinpath(*"abcdefg", "raw", "ucf101")
+    target.mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c" / "keep.txt").write_bytes(b"keep")
+    if order == "link-first":
+        ok, evil, named = first, second, "'p/evil.txt' (written through the symlink 'p'"
+    else:
+        ok, evil, named = second, first, "'p' (symlink to"
+    extract(ok, target)  # harmless alone
+    outside = {
+        p for p in everything_under(tmp_path) if not p.startswith("a/b/c/d/e/f/g/raw/ucf101")
+    }
+    with pytest.raises(UserError) as err:
+        extract(evil, target)
+    assert named in str(err.value) and "Nothing was extracted" in str(err.value)
+    assert {
+        p for p in everything_under(tmp_path) if not p.startswith("a/b/c/d/e/f/g/raw/ucf101")
+    } == outside
+    assert not [p for p in tmp_path.rglob("evil.txt") if target not in p.parents]
+    assert not marker_path(evil, target).exists()
+
+
+def test_extract_cli_checks_all_archives_of_a_dataset_together(tmp_path, capsys):
+    from iicrepro import cli
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    data = tmp_path / "data"
+    downloads = data / "downloads" / "ucf101"
+    downloads.mkdir(parents=True)
+    link = "q/" * 6 + "x" + "/.." * 7
+    write_rar4(
+        downloads / "UCF101.rar",
+        [
+            Entry("UCF-101/A/v.avi", b"v"),
+            Entry("x", kind="dir"),
+            Entry("p", kind="symlink", link=link),
+        ],
+    )
+    write_zip(
+        downloads / "UCF101TrainTestSplits-RecognitionTask.zip",
+        [Entry("q", kind="symlink", link="."), Entry("p/evil.txt", b"evil")],
+    )
+    argv = ["extract", "ucf101", "--params", str(params), "--preset", "demo"]
+    assert cli.main([*argv, "--set", f"paths.data={data}"]) == 1
+    err = capsys.readouterr().err
+    assert "'p/evil.txt' (written through the symlink 'p'" in err
+    assert "UCF101.rar and UCF101TrainTestSplits-RecognitionTask.zip" in err
+    # Checked before either was extracted: not even the harmless first archive was written.
+    assert not (data / "raw").exists()
+    assert not list(tmp_path.rglob("evil.txt"))
+
+
+def test_a_symlink_already_on_disk_is_never_written_through(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = tmp_path / "raw" / "ucf101"
+    target.mkdir(parents=True)
+    (target / "UCF-101").symlink_to(elsewhere)
+    archive = write_rar4(tmp_path / "v.rar", {"UCF-101/A/v.avi": b"v"})
+    with pytest.raises(UserError, match="written through the symlink 'UCF-101', already in"):
+        extract(archive, target)
+    assert list(elsewhere.iterdir()) == []
+    # A folder member where a symlink is: refused too (the merge never follows it).
+    archive = write_tar(tmp_path / "d.tar", [Entry("UCF-101", kind="dir")])
+    with pytest.raises(UserError, match="a folder where a symlink of that name is"):
+        extract(archive, target)
+
+
+def test_subfolder_target_is_checked_against_the_dataset_root(tmp_path):
+    """HMDB51: the videos go to raw/hmdb51/videos, the splits to raw/hmdb51; a link that the
+    splits archive left in raw/hmdb51 counts when the videos are extracted."""
+    root = tmp_path / "raw" / "hmdb51"
+    splits = write_zip(tmp_path / "s.zip", [Entry("videos", kind="symlink", link=".")])
+    extract(splits, root)
+    videos = write_rar4(tmp_path / "v.rar", {"brush_hair/a.avi": b"a"})
+    with pytest.raises(UserError, match="passes through 'videos'"):
+        extract(videos, root / "videos", root=root)
+    assert not (root / "brush_hair").exists()
+
+
+def test_nested_inner_archives_cannot_build_an_escape(tmp_path):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    link = "q/" * 6 + "x" + "/.." * 7
+    one = write_rar4(
+        inner / "a.rar", [Entry("x", kind="dir"), Entry("p", kind="symlink", link=link)]
+    )
+    two = write_rar4(
+        inner / "b.rar", [Entry("q", kind="symlink", link="."), Entry("p/evil.txt", b"e")]
+    )
+    outer = write_rar4(
+        tmp_path / "hmdb51_org.rar", {"a.rar": one.read_bytes(), "b.rar": two.read_bytes()}
+    )
+    target = tmp_path.joinpath(*"abcdefg", "videos")
+    with pytest.raises(UserError, match=r"'p/evil\.txt' \(written through the symlink 'p'"):
+        extract(outer, target, nested=True)
+    assert not list(tmp_path.rglob("evil.txt"))
+
+
+def test_zip_bomb_is_refused_before_extraction(tmp_path):
+    from iicrepro.data.archives import MAX_EXPANSION
+
+    bomb = tmp_path / "UCF101TrainTestSplits-RecognitionTask.zip"
+    with (
+        zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf,
+        zf.open("ucfTrainTestlist/zeros.txt", "w") as member,
+    ):
+        for _ in range(200):
+            member.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 300_000
+    target = tmp_path / "raw" / "ucf101"
+    with pytest.raises(UserError) as err:
+        extract(bomb, target)
+    message = str(err.value)
+    assert "decompression bomb" in message and f"MAX_EXPANSION = {MAX_EXPANSION}" in message
+    assert "200.0 MB" in message
+    assert not (tmp_path / "raw").exists()

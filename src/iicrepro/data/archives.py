@@ -2,9 +2,13 @@
 
 Safety comes first: every member of an archive is listed before anything is written, and the
 archive is refused (with the offending members named) when a member has an absolute path, a `..`
-component, is a special file, or is a symlink / hardlink that resolves outside the target (link
-chains inside the archive are followed). Extraction then happens in a temporary folder beside the
-target and is moved into place; a marker ``<target>/.extracted-<archive>.json`` holding the
+component, is a special file, would be written through a symlink (one the archive makes or one
+already on disk, left by an earlier archive), or is a symlink / hardlink that resolves outside the
+target. Links are resolved against the tree as it is on disk plus every archive of the dataset
+(`extract` checks them all together before extracting any), so a pair of archives cannot build an
+escape that neither holds alone. An archive whose declared contents are far larger than itself is
+refused as a decompression bomb (`MAX_EXPANSION`). Extraction then happens in an empty temporary
+folder beside the target and is merged into place without following any symlink; a marker ``<target>/.extracted-<archive>.json`` holding the
 archive's sha256 is written last, so an interrupted extraction never looks complete and a finished
 one is skipped next time.
 
@@ -189,6 +193,13 @@ def list_members(path: Path) -> list[Member]:
 
 # ---------------------------------------------------------------------------------- safety
 
+# Decompression bombs: an archive whose members declare more than MAX_EXPANSION times the
+# archive's own size (and more than EXPANSION_FREE_BYTES in all) is refused before anything is
+# written. Videos hardly compress (UCF101.rar expands ~1x) and the split lists ~10x, while a zip of
+# zeros expands ~1000x.
+MAX_EXPANSION = 100
+EXPANSION_FREE_BYTES = 64 << 20
+
 
 def _components(name: str) -> list[str]:
     # Backslashes count as separators too: RAR and Windows-made zips use them.
@@ -200,8 +211,10 @@ def _is_absolute(name: str) -> bool:
 
 
 def _resolve(base: list[str], path: str, links: dict[str, str], hops: int = 0) -> list[str] | None:
-    """Follow `path` from folder `base` (components under the target), through the archive's
-    own symlinks; the resolved components, or None when the walk leaves the target."""
+    """Follow `path` from folder `base` (components under the root), through the known symlinks
+    (the archives' and those on disk); the resolved components, or None when the walk leaves the
+    root. Names that are no symlink resolve as plain folders: every later archive is checked
+    again with all links together, so a name that becomes a symlink later is caught then."""
     if _is_absolute(path) or hops > _MAX_LINK_HOPS:
         return None
     out = list(base)
@@ -222,6 +235,15 @@ def _resolve(base: list[str], path: str, links: dict[str, str], hops: int = 0) -
     return out
 
 
+def _through_link(parts: list[str], links: dict[str, str]) -> str | None:
+    """The first of the folders `parts[:1]`, `parts[:2]`, ... that is a symlink, or None."""
+    for i in range(1, len(parts) + 1):
+        key = "/".join(parts[:i])
+        if key in links:
+            return key
+    return None
+
+
 def _links(members: list[Member]) -> dict[str, str]:
     return {
         "/".join(_components(m.name)): m.link
@@ -230,15 +252,54 @@ def _links(members: list[Member]) -> dict[str, str]:
     }
 
 
-def unsafe_members(members: list[Member], present: dict[str, str] | None = None) -> list[str]:
-    """Descriptions of the members that would write outside the target; empty when safe.
+def symlinks_on_disk(root: Path) -> dict[str, str]:
+    """Every symlink under the folder `root`, never followed: path relative to root -> target."""
+    found: dict[str, str] = {}
+    if not Path(root).is_dir():
+        return found
+    for folder, dirs, files in os.walk(root):  # a symlinked folder is listed, never entered
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                rel = "/".join(_components(os.path.relpath(path, root)))
+                found[rel] = os.readlink(path)
+    return found
 
-    `present` maps symlinks already in the target (path -> link) to their targets.
+
+def rebase(members: list[Member], prefix: str) -> list[Member]:
+    """The members of an archive extracted into the folder `prefix` (relative to the root), named
+    from the root: names and hardlink sources get the prefix; symlink targets are relative to
+    their own folder and stay as they are."""
+    parts = _components(prefix)
+    if not parts:
+        return list(members)
+    out = []
+    for m in members:
+        name = m.name if _is_absolute(m.name) else "/".join(parts + _components(m.name))
+        link = m.link
+        if m.kind == "hardlink" and not _is_absolute(link):
+            link = "/".join(parts + _components(link))
+        out.append(Member(name, m.kind, link, m.size))
+    return out
+
+
+def unsafe_members(members: list[Member], present: dict[str, str] | None = None) -> list[str]:
+    """Descriptions of the members that would write outside the root; empty when safe.
+
+    Names are relative to the root. `present` maps the symlinks already on disk under the root
+    (see `symlinks_on_disk`) to their targets. No member may be written through a symlink,
+    whether an archive made it or it was there before; a symlink's target is resolved through
+    every known link and must stay under the root; links already on disk must still do so once
+    this archive's links are added.
     """
-    links = {**(present or {}), **_links(members)}
+    present = present or {}
+    own = _links(members)
+    links = {**present, **own}
     bad = []
+    seen: dict[str, str] = {}
     for m in members:
         parts = _components(m.name)
+        key = "/".join(parts)
         if _is_absolute(m.name):
             bad.append(f"{m.name!r} (absolute path)")
         elif ".." in parts:
@@ -247,28 +308,72 @@ def unsafe_members(members: list[Member], present: dict[str, str] | None = None)
             bad.append(f"{m.name!r} (empty name)")
         elif m.kind == "special":
             bad.append(f"{m.name!r} (device, fifo or other special file)")
-        elif (parent := _resolve([], "/".join(parts[:-1]), links)) is None:
-            bad.append(f"{m.name!r} (written through a symlink that leaves the target)")
-        elif m.kind == "symlink" and _resolve(parent, m.link, links) is None:
-            bad.append(f"{m.name!r} (symlink to {m.link!r}, outside the target)")
-        elif m.kind == "hardlink" and _resolve([], m.link, links) is None:
-            bad.append(f"{m.name!r} (hardlink to {m.link!r}, outside the target)")
+        elif (via := _through_link(parts[:-1], links)) is not None:
+            where = (
+                "already in the target" if via in present and via not in own else "in the archive"
+            )
+            bad.append(f"{m.name!r} (written through the symlink {via!r}, {where})")
+        elif m.kind == "dir" and key in links:
+            bad.append(f"{m.name!r} (a folder where a symlink of that name is)")
+        elif m.kind == "symlink" and seen.setdefault(key, m.link) != m.link:
+            bad.append(f"{m.name!r} (symlink defined twice, to {seen[key]!r} and {m.link!r})")
+        elif m.kind == "symlink" and _resolve(parts[:-1], m.link, links) is None:
+            bad.append(f"{m.name!r} (symlink to {m.link!r}, which leads outside the target)")
+        elif m.kind == "hardlink" and (
+            _is_absolute(m.link)
+            or ".." in _components(m.link)
+            or _through_link(_components(m.link), links) is not None
+        ):
+            bad.append(f"{m.name!r} (hardlink to {m.link!r}, outside the target or via a symlink)")
+    for name, link in present.items():
+        parent = _components(name)[:-1]
+        changed = name not in own and _resolve(parent, link, present) is not None
+        if changed and _resolve(parent, link, links) is None:
+            bad.append(
+                f"{name!r} (symlink to {link!r} already in the target: with this archive's "
+                "links it would lead outside)"
+            )
     return bad
 
 
-def check_members(path: Path, into: Path, present: dict[str, str] | None = None) -> list[Member]:
-    """List the archive; refuse it when a member is unsafe or its contents do not fit on the disk
-    that holds the folder `into`."""
+def _refuse(what: str, bad: list[str]) -> UserError:
+    return UserError(
+        f"refusing to extract {what}: {len(bad)} member(s) would be written outside the target "
+        "folder or through a symlink:\n  " + "\n  ".join(bad) + "\nNothing was extracted. The "
+        "archive is not what it should be: delete it and download it again from a trusted source."
+    )
+
+
+def check_expansion(path: Path, members: list[Member]) -> None:
+    """Refuse a decompression bomb: far more declared contents than the archive's own size."""
+    declared = sum(m.size for m in members)
+    packed = max(Path(path).stat().st_size, 1)
+    if declared > EXPANSION_FREE_BYTES and declared > MAX_EXPANSION * packed:
+        from iicrepro.data.fetch import human
+
+        raise UserError(
+            f"refusing to extract {path}: its members declare {human(declared)} of contents, "
+            f"{declared / packed:.0f} times the archive's own {human(packed)} (the limit is "
+            f"MAX_EXPANSION = {MAX_EXPANSION} times, in iicrepro.data.archives). A dataset archive "
+            "of videos hardly compresses; this looks like a decompression bomb. Nothing was "
+            "extracted: delete it and download it again from a trusted source."
+        )
+
+
+def check_members(
+    path: Path, into: Path, present: dict[str, str] | None = None, prefix: str = ""
+) -> list[Member]:
+    """List the archive; refuse it when a member is unsafe (see `unsafe_members`; `present` and
+    the names are relative to the root, the archive is extracted into its folder `prefix`), when
+    it expands like a decompression bomb, or when its contents do not fit on the disk that holds
+    the folder `into`. Returns the members named as in the archive."""
     from iicrepro.data.fetch import check_space
 
     members = list_members(path)
-    bad = unsafe_members(members, present)
+    bad = unsafe_members(rebase(members, prefix), present)
     if bad:
-        raise UserError(
-            f"refusing to extract {path}: {len(bad)} member(s) would be written outside the "
-            "target folder:\n  " + "\n  ".join(bad) + "\nNothing was extracted. The archive is "
-            "not what it should be: delete it and download it again from a trusted source."
-        )
+        raise _refuse(str(path), bad)
+    check_expansion(path, members)
     existing = into
     while not existing.exists():
         existing = existing.parent
@@ -276,7 +381,44 @@ def check_members(path: Path, into: Path, present: dict[str, str] | None = None)
     return members
 
 
+def check_together(archives: list[tuple[Path, Path]], root: Path) -> None:
+    """Check every archive of a dataset together, as they will be on disk once all are extracted:
+    `archives` holds (archive, target folder) pairs, each target inside `root`."""
+    root = Path(root)
+    combined: list[Member] = []
+    for path, target in archives:
+        combined += rebase(list_members(path), _prefix(root, target))
+    present = symlinks_on_disk(root)
+    bad = unsafe_members(combined, present)
+    for _, target in archives:
+        via = _through_link(_components(_prefix(root, target)), {**present, **_links(combined)})
+        if via is not None:
+            bad.append(f"the target folder {str(target)!r} (passes through the symlink {via!r})")
+    if bad:
+        raise _refuse(" and ".join(p.name for p, _ in archives), bad)
+
+
+def _prefix(root: Path, target: Path) -> str:
+    try:
+        return Path(target).relative_to(root).as_posix()
+    except ValueError:
+        raise UserError(f"{target} is not inside {root}") from None
+
+
 # ---------------------------------------------------------------------------------- extraction
+
+
+def _unpack_zip(path: Path, into: Path) -> None:
+    # Like Info-ZIP's unzip, a symlink member becomes a symlink (zipfile would write a file
+    # holding the target), so the tree on disk is the one the safety check reasoned about.
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if stat.S_ISLNK(info.external_attr >> 16):
+                where = into.joinpath(*_components(info.filename))
+                where.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(zf.read(info).decode(errors="replace"), where)
+            else:
+                zf.extract(info, into)
 
 
 def _unpack(path: Path, into: Path) -> None:
@@ -284,8 +426,7 @@ def _unpack(path: Path, into: Path) -> None:
     fmt = archive_format(path)
     try:
         if fmt == "zip":
-            with zipfile.ZipFile(path) as zf:
-                zf.extractall(into)
+            _unpack_zip(path, into)
         elif fmt == "tar":
             with tarfile.open(path) as tf:
                 tf.extractall(into, filter="data")
@@ -303,16 +444,25 @@ def _unpack(path: Path, into: Path) -> None:
 
 
 def _merge(src: Path, dst: Path) -> None:
-    """Move the contents of folder `src` into folder `dst`, replacing files of the same name."""
-    dst.mkdir(parents=True, exist_ok=True)
+    """Move the contents of folder `src` into the real folder `dst`, replacing files of the same
+    name. Never follows a symlink in `dst`: writing a folder where one is is refused."""
     for item in src.iterdir():
         there = dst / item.name
-        if item.is_dir() and not item.is_symlink() and there.is_dir():
-            _merge(item, there)
-        else:
-            if there.is_dir() and not there.is_symlink():
-                shutil.rmtree(there)
-            os.replace(item, there)
+        if item.is_dir() and not item.is_symlink():
+            if there.is_symlink():
+                raise UserError(
+                    f"refusing to write the folder {there}: a symlink of that name is already "
+                    "there, and nothing is ever written through a symlink. Delete the extracted "
+                    f"folder {dst} and extract again."
+                )
+            if there.is_dir():
+                _merge(item, there)
+                continue
+            if there.exists():
+                there.unlink()
+        elif there.is_dir() and not there.is_symlink():
+            shutil.rmtree(there)
+        os.replace(item, there)
 
 
 def marker_path(archive: Path, target: Path) -> Path:
@@ -343,14 +493,19 @@ def _done(marker: Path, digest: str, target: Path) -> list[Path] | None:
     return files
 
 
-def extract(archive: str | Path, target: str | Path, *, nested: bool = False) -> list[Path]:
+def extract(
+    archive: str | Path, target: str | Path, *, nested: bool = False, root: str | Path | None = None
+) -> list[Path]:
     """Extract `archive` into `target`; return the extracted files (not folders).
 
+    `root` is the dataset's folder that all its archives are extracted under (default: `target`);
+    the archive is checked against every symlink on disk under it, and no member may leave it.
     With `nested`, every ``.rar`` the archive holds is extracted into `target` in turn (its
     members checked like the outer archive's) and then deleted: HMDB51's RAR of per-class RARs.
     Skipped, returning the recorded files, when the completion marker matches the archive.
     """
     archive, target = Path(archive), Path(target)
+    root = Path(root) if root is not None else target
     if not archive.is_file():
         raise UserError(f"{archive} does not exist: run `iicrepro fetch` first")
     marker = marker_path(archive, target)
@@ -358,14 +513,23 @@ def extract(archive: str | Path, target: str | Path, *, nested: bool = False) ->
     if (files := _done(marker, digest, target)) is not None:
         return files
 
-    links = _links(check_members(archive, target.parent))  # raises before anything is written
+    prefix = _prefix(root, target)
+    present = symlinks_on_disk(root)
+    if (via := _through_link(_components(prefix), present)) is not None:
+        raise _refuse(str(archive), [f"the target folder {str(target)!r} (passes through {via!r})"])
+    # Raises before anything is written.
+    links = {
+        **present,
+        **_links(rebase(check_members(archive, target.parent, present, prefix), prefix)),
+    }
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.extracting-", dir=target.parent) as t:
         staging = Path(t)
         _unpack(archive, staging)
         if nested:
             for inner in sorted(p for p in staging.rglob("*.rar") if p.is_file()):
-                links.update(_links(check_members(inner, staging, links)))
+                inner_members = check_members(inner, staging, links, prefix)
+                links.update(_links(rebase(inner_members, prefix)))
                 _unpack(inner, staging)
                 inner.unlink()
                 folder = inner.parent
@@ -377,6 +541,7 @@ def extract(archive: str | Path, target: str | Path, *, nested: bool = False) ->
             for p in staging.rglob("*")
             if p.is_symlink() or not p.is_dir()
         )
+        target.mkdir(exist_ok=True)
         _merge(staging, target)
     write_json(marker, {"archive": archive.name, "sha256": digest, "files": rel})
     return [target / f for f in rel]
@@ -397,16 +562,30 @@ def main(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     folder = layout.downloads(settings, args.dataset)
-    for arc in sources.archives(settings, args.dataset):
-        if args.only and arc.role != args.only:
-            continue
+    dataset_root = layout.raw(settings, args.dataset)
+    found = sources.archives(settings, args.dataset)
+    chosen = [arc for arc in found if not args.only or arc.role == args.only]
+    for arc in chosen:
+        if not (folder / arc.filename).is_file():
+            raise UserError(
+                f"{folder / arc.filename} is missing: run `iicrepro fetch {args.dataset}` first"
+            )
+    # All of the dataset's archives that are here are checked together before any is extracted:
+    # one archive's symlink may be harmless alone and an escape once another's members join it.
+    check_together(
+        [
+            (folder / arc.filename, sources.extract_target(settings, args.dataset, arc))
+            for arc in found
+            if (folder / arc.filename).is_file()
+        ],
+        dataset_root,
+    )
+    for arc in chosen:
         path = folder / arc.filename
-        if not path.is_file():
-            raise UserError(f"{path} is missing: run `iicrepro fetch {args.dataset}` first")
         target = sources.extract_target(settings, args.dataset, arc)
         done = marker_path(path, target).is_file()
         print(f"extract: {path.name} -> {target}" + (" (checking marker)" if done else ""))
-        files = extract(path, target, nested=arc.nested)
+        files = extract(path, target, nested=arc.nested, root=dataset_root)
         root = sources.content_root(settings, args.dataset, arc.role)
         if not root.is_dir():
             raise UserError(
