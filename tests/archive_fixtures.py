@@ -1,8 +1,10 @@
 """Test helpers for downloads and archives.
 
 * `FileServer`: a loopback HTTP server (127.0.0.1, random port, own thread) that serves files from
-  a folder, honours ``Range: bytes=N-`` (206 / 416) and injects faults on request: drop the
-  connection part-way through a body, answer 500, ignore Range, or serve different bytes.
+  a folder with an ETag (from the bytes) and a Last-Modified date, honours ``Range: bytes=N-``
+  (206 / 416) and ``If-Range`` (200 with the whole file when the validator no longer matches), and
+  injects faults on request: drop the connection part-way through a body, change the file after
+  such a drop, answer 500, ignore Range or If-Range, send no validators, or serve other bytes.
 * `write_rar4`: a RAR 4 writer for the "stored" method (no compression), so tests can feed real
   RAR archives to the real `unar` without a RAR compressor.
 * `write_rar5`: the same for the RAR 5 format, for the `bsdtar` path.
@@ -11,6 +13,8 @@
 
 from __future__ import annotations
 
+import email.utils
+import hashlib
 import http.server
 import io
 import struct
@@ -34,7 +38,12 @@ class Faults:
     drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before a drop
     status_once: dict[str, list[int]] = field(default_factory=dict)  # path -> statuses to answer
     ignore_range: set[str] = field(default_factory=set)  # answer 200 with the whole body
+    ignore_if_range: set[str] = field(default_factory=set)  # honour Range even if changed
     replace_body: dict[str, bytes] = field(default_factory=dict)  # serve these bytes instead
+    change_after_drop: dict[str, bytes] = field(default_factory=dict)  # new bytes once dropped
+    no_validators: set[str] = field(default_factory=set)  # send neither ETag nor Last-Modified
+    no_etag: set[str] = field(default_factory=set)  # send Last-Modified only
+    modified: dict[str, int] = field(default_factory=dict)  # path -> Last-Modified (epoch s)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -52,10 +61,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         f = self.server.root / path.lstrip("/")
         return f.read_bytes() if f.is_file() and ".." not in path else None
 
+    def _validators(self, path: str, body: bytes) -> dict[str, str]:
+        faults = self.server.faults
+        if path in faults.no_validators:
+            return {}
+        when = faults.modified.get(path, 1_600_000_000)
+        out = {"Last-Modified": email.utils.formatdate(when, usegmt=True)}
+        if path not in faults.no_etag:
+            out["ETag"] = '"' + hashlib.sha1(body).hexdigest() + '"'
+        return out
+
     def do_GET(self):  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]
         faults = self.server.faults
         self.server.requests.append((path, self.headers.get("Range")))
+        self.server.if_range.append(self.headers.get("If-Range"))
         statuses = faults.status_once.get(path)
         if statuses:
             self.send_error(statuses.pop(0))
@@ -64,9 +84,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body is None:
             self.send_error(404)
             return
+        validators = self._validators(path, body)
         start = 0
         rng = self.headers.get("Range")
-        if rng and path not in faults.ignore_range:
+        if_range = self.headers.get("If-Range")
+        unchanged = (
+            if_range is None or path in faults.ignore_if_range or if_range in validators.values()
+        )
+        if rng and unchanged and path not in faults.ignore_range:
             start = int(rng.removeprefix("bytes=").split("-")[0])
             if start >= len(body):
                 self.send_response(416)
@@ -78,6 +103,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
+        for key, value in validators.items():
+            self.send_header(key, value)
         self.send_header("Content-Length", str(len(body) - start))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
@@ -87,6 +114,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(payload[:drop])
             self.wfile.flush()
             self.close_connection = True
+            if path in faults.change_after_drop:
+                faults.replace_body[path] = faults.change_after_drop.pop(path)
+                faults.modified[path] = faults.modified.get(path, 1_600_000_000) + 60
             return
         self.wfile.write(payload)
 
@@ -99,6 +129,7 @@ class _Server(http.server.ThreadingHTTPServer):
         self.root = root
         self.faults = Faults()
         self.requests: list[tuple[str, str | None]] = []
+        self.if_range: list[str | None] = []
 
 
 class FileServer:
@@ -118,6 +149,11 @@ class FileServer:
     def requests(self) -> list[tuple[str, str | None]]:
         """(path, Range header or None) per GET, in order."""
         return self._server.requests
+
+    @property
+    def if_range(self) -> list[str | None]:
+        """The If-Range header (or None) per GET, in order."""
+        return self._server.if_range
 
     def url(self, name: str) -> str:
         host, port = self._server.server_address[:2]

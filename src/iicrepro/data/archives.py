@@ -69,7 +69,8 @@ def archive_format(path: Path) -> str:
         return "tar"
     raise UserError(
         f"{path} is not a zip, tar or RAR archive (first bytes {head!r}); it may be an error page "
-        "saved by a server: delete it and run `iicrepro fetch` again"
+        f"saved by a server: delete {path} and {path.name}.sha256 beside it (if there) and run "
+        "`iicrepro fetch` again"
     )
 
 

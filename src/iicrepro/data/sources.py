@@ -1,7 +1,8 @@
 """Dataset registry: which archives make up each dataset and where their contents land.
 
 UCF101 and HMDB51 come from their official servers (spec 2.1, 2.2), optionally from mirrors listed
-in params.yaml (``download.mirrors.<dataset>``, tried first). The synthetic dataset is written
+in params.yaml (``download.mirrors.<dataset>``, tried first: base URLs, ``file://`` folders or plain
+folder paths), or from a file the user puts into the downloads folder by hand. The synthetic dataset is written
 locally by `iicrepro synthesize` and fetched through the same download / verify / extract path
 from ``file://`` URLs.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlparse
 
 from iicrepro import layout
 from iicrepro.errors import UserError
@@ -38,8 +40,9 @@ class Archive:
     role: str  # "videos" | "splits"
     url: str  # official URL
     filename: str
-    size: int | None = None
+    size: int | None = None  # exact bytes, only where documented
     sha256: str | None = None
+    approx_size: int | None = None  # documented order of magnitude: far smaller is not the file
     nested: bool = False
     into: str = ""
     mirrors: tuple[str, ...] = ()  # full URLs, tried before `url`
@@ -49,11 +52,17 @@ class Archive:
         return [*self.mirrors, self.url]
 
 
-# Official archives (spec 2.1, 2.2). The servers publish no checksums, so none are pinned here.
+# Official archives (spec 2.1, 2.2). The servers publish no checksums and no exact sizes, so none
+# are pinned here; the videos archives carry their documented approximate size.
 _OFFICIAL: dict[str, tuple[Archive, ...]] = {
     "ucf101": (
         # ~6.5 GB RAR 4 archive holding UCF-101/<Class>/v_<Class>_gXX_cYY.avi
-        Archive("videos", "https://www.crcv.ucf.edu/data/UCF101/UCF101.rar", "UCF101.rar"),
+        Archive(
+            "videos",
+            "https://www.crcv.ucf.edu/data/UCF101/UCF101.rar",
+            "UCF101.rar",
+            approx_size=6_500_000_000,
+        ),
         # zip holding ucfTrainTestlist/{classInd,trainlist0N,testlist0N}.txt
         Archive(
             "splits",
@@ -67,6 +76,7 @@ _OFFICIAL: dict[str, tuple[Archive, ...]] = {
             "videos",
             "http://serre-lab.clps.brown.edu/wp-content/uploads/2013/10/hmdb51_org.rar",
             "hmdb51_org.rar",
+            approx_size=2_000_000_000,
             nested=True,
             into="videos",
         ),
@@ -77,6 +87,11 @@ _OFFICIAL: dict[str, tuple[Archive, ...]] = {
             "test_train_splits.rar",
         ),
     ),
+}
+
+# Official servers known to be unreachable, with what is known; fetch's error repeats it.
+KNOWN_DOWN = {
+    "serre-lab.clps.brown.edu": "HMDB51's official server, reported defunct since 2025",
 }
 
 # Folders (relative to layout.raw) that hold the extracted contents, per dataset and role.
@@ -140,9 +155,20 @@ def archives(settings: Any, dataset: str) -> list[Archive]:
     found = _synthetic_archives(settings) if dataset == "synthetic" else _OFFICIAL[dataset]
     bases = (settings["download"]["mirrors"] or {}).get(dataset) or []
     return [
-        replace(a, mirrors=tuple(base.rstrip("/") + "/" + a.filename for base in bases))
-        for a in found
+        replace(a, mirrors=tuple(mirror_url(base, a.filename) for base in bases)) for a in found
     ]
+
+
+def mirror_url(base: str, filename: str) -> str:
+    """The URL of `filename` on a mirror: `base` is a base URL (http, https, file) or a folder."""
+    if urlparse(base).scheme in ("http", "https", "file"):
+        return base.rstrip("/") + "/" + quote(filename)
+    return (Path(base).expanduser().absolute() / filename).as_uri()
+
+
+def known_down(url: str) -> str | None:
+    """What is known about `url`'s server being down, or None."""
+    return KNOWN_DOWN.get(urlparse(url).hostname or "")
 
 
 def extract_target(settings: Any, dataset: str, archive: Archive) -> Path:
