@@ -338,10 +338,18 @@ def unsafe_members(members: list[Member], present: dict[str, str] | None = None)
 
 
 def _refuse(what: str, bad: list[str]) -> UserError:
+    on_disk = any("already in the target" in b or "target folder" in b for b in bad)
     return UserError(
         f"refusing to extract {what}: {len(bad)} member(s) would be written outside the target "
         "folder or through a symlink:\n  " + "\n  ".join(bad) + "\nNothing was extracted. The "
         "archive is not what it should be: delete it and download it again from a trusted source."
+        + (
+            " A symlink already on disk was left by an earlier archive or made by hand: delete "
+            "the dataset's extracted folder (data/raw/<dataset>) and extract again; to keep the "
+            "data on another disk, point paths.data there instead of linking folders."
+            if on_disk
+            else ""
+        )
     )
 
 
