@@ -5,8 +5,8 @@
   (206 / 416) and ``If-Range`` (200 with the whole file when the validator no longer matches), and
   injects faults on request: drop the connection part-way through a body, change the file after
   such a drop, answer 500, ignore Range or If-Range, send no validators, or serve other bytes.
-* `write_rar4`: a RAR 4 writer for the "stored" method (no compression), so tests can feed real
-  RAR archives to the real `unar` without a RAR compressor.
+* `write_rar4` (from iicrepro.data.rar): a RAR 4 writer for the "stored" method (no compression),
+  so tests can feed real RAR archives to the real `unar` without a RAR compressor.
 * `write_rar5`: the same for the RAR 5 format, for the `bsdtar` path.
 * `write_zip`, `write_tar`: small builders that also allow hostile member names.
 """
@@ -20,12 +20,13 @@ import io
 import struct
 import tarfile
 import threading
-import time
 import zipfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from iicrepro.data.rar import Entry, as_entries, rar4_bytes, write_rar4  # noqa: F401 (re-exported)
 
 # --------------------------------------------------------------------------------------------------
 # HTTP server with Range support and fault injection
@@ -170,96 +171,8 @@ class FileServer:
 
 
 # --------------------------------------------------------------------------------------------------
-# Archive entries shared by the writers
-
-
-@dataclass
-class Entry:
-    """One archive member: a file (`data`), a directory, or a symlink to `link`."""
-
-    name: str
-    data: bytes = b""
-    kind: str = "file"  # file | dir | symlink
-    link: str = ""
-    claimed_size: int | None = None  # RAR 4 only: unpacked size to write in the header
-
-
-def _entries(items: Iterable[Entry] | dict[str, bytes]) -> list[Entry]:
-    if isinstance(items, dict):
-        return [Entry(name, data) for name, data in items.items()]
-    return list(items)
-
-
-def _dos_time(t: float) -> int:
-    lt = time.localtime(t)
-    date = ((lt.tm_year - 1980) << 9) | (lt.tm_mon << 5) | lt.tm_mday
-    return (date << 16) | (lt.tm_hour << 11) | (lt.tm_min << 5) | (lt.tm_sec // 2)
-
-
-# --------------------------------------------------------------------------------------------------
-# RAR 4 ("RAR 1.5-4.x" format), stored method
-#
-# Every block starts with a 7-byte base header, little-endian:
-#   HEAD_CRC u16   low 16 bits of CRC32 over the header bytes from HEAD_TYPE to the header's end
-#   HEAD_TYPE u8   0x72 marker, 0x73 archive header, 0x74 file header, 0x7B end of archive
-#   HEAD_FLAGS u16 0x8000 = ADD_SIZE follows (a data area comes after the header)
-#   HEAD_SIZE u16  size of the whole header, base header included
-# The marker block is the fixed signature ``Rar!\x1a\x07\x00`` (a block whose "CRC" is 0x6152).
-# Archive header: base header + RESERVED1 u16 + RESERVED2 u32 (13 bytes, flags 0: not solid,
-# not a volume, no comment, no encryption).
-# File header: base header (flags 0x8000, plus 0x00E0 for a directory) then
-#   PACK_SIZE u32, UNP_SIZE u32, HOST_OS u8 (3 = Unix), FILE_CRC u32 (CRC32 of the data),
-#   FTIME u32 (MS-DOS date/time), UNP_VER u8 (20 = 2.0), METHOD u8 (0x30 = stored),
-#   NAME_SIZE u16, ATTR u32 (Unix st_mode for host 3), [HIGH_PACK_SIZE u32, HIGH_UNP_SIZE u32
-#   when flag 0x0100 marks sizes over 4 GiB], FILE_NAME (bytes, '\\' separators, as RAR 4
-#   writes on every host),
-# followed by PACK_SIZE bytes of data. A Unix symlink is a file whose mode is S_IFLNK and whose
-# data is the link target.
-# End of archive: a base header of type 0x7B with flags 0x4000, size 7.
-
-RAR4_SIGNATURE = b"Rar!\x1a\x07\x00"
-
-
-def _rar4_block(head_type: int, flags: int, body: bytes) -> bytes:
-    rest = struct.pack("<BHH", head_type, flags, 7 + len(body)) + body
-    return struct.pack("<H", zlib.crc32(rest) & 0xFFFF) + rest
-
-
-def rar4_bytes(items: Iterable[Entry] | dict[str, bytes], mtime: float = 1.6e9) -> bytes:
-    out = [RAR4_SIGNATURE, _rar4_block(0x73, 0, struct.pack("<HI", 0, 0))]
-    for e in _entries(items):
-        if e.kind == "dir":
-            data, mode, flags = b"", 0o40755, 0x8000 | 0x00E0
-        elif e.kind == "symlink":
-            data, mode, flags = e.link.encode(), 0o120777, 0x8000
-        else:
-            data, mode, flags = e.data, 0o100644, 0x8000
-        name = e.name.replace("/", "\\").encode()
-        unp = len(data) if e.claimed_size is None else e.claimed_size
-        if unp > 0xFFFFFFFF:
-            flags |= 0x0100
-        header = struct.pack(
-            "<IIBIIBBHI",
-            len(data),
-            unp & 0xFFFFFFFF,
-            3,
-            zlib.crc32(data),
-            _dos_time(mtime),
-            20,
-            0x30,
-            len(name),
-            mode,
-        )
-        if flags & 0x0100:
-            header += struct.pack("<II", 0, unp >> 32)
-        out += [_rar4_block(0x74, flags, header + name), data]
-    out.append(_rar4_block(0x7B, 0x4000, b""))
-    return b"".join(out)
-
-
-def write_rar4(path: Path, items: Iterable[Entry] | dict[str, bytes]) -> Path:
-    path.write_bytes(rar4_bytes(items))
-    return path
+# Archive entries and the RAR 4 writer live in the package (the rehearsal's stand-in archives use
+# them too); re-exported here for the tests.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,7 +215,7 @@ def _rar5_block(
 
 def rar5_bytes(items: Iterable[Entry] | dict[str, bytes]) -> bytes:
     out = [b"Rar!\x1a\x07\x01\x00", _rar5_block(1, 0, _vint(0))]
-    for e in _entries(items):
+    for e in as_entries(items):
         is_dir = e.kind == "dir"
         data = b"" if is_dir or e.kind == "symlink" else e.data
         mode = {"dir": 0o40755, "symlink": 0o120777}.get(e.kind, 0o100644)
@@ -337,7 +250,7 @@ def write_rar5(path: Path, items: Iterable[Entry] | dict[str, bytes]) -> Path:
 
 def write_zip(path: Path, items: Iterable[Entry] | dict[str, bytes]) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
-        for e in _entries(items):
+        for e in as_entries(items):
             info = zipfile.ZipInfo(e.name + ("/" if e.kind == "dir" else ""))
             if e.kind == "symlink":
                 info.external_attr = 0o120777 << 16
@@ -351,7 +264,7 @@ def write_zip(path: Path, items: Iterable[Entry] | dict[str, bytes]) -> Path:
 def write_tar(path: Path, items: Iterable[Entry] | dict[str, bytes], mode: str = "w") -> Path:
     """`mode` "w" for plain tar, "w:gz" for tar.gz. `kind` may also be "hardlink"."""
     with tarfile.open(path, mode) as tf:
-        for e in _entries(items):
+        for e in as_entries(items):
             info = tarfile.TarInfo(e.name)
             info.mtime = 1_600_000_000
             if e.kind == "dir":
