@@ -114,6 +114,7 @@ def test_cli_from_zip_writes_manifests(tmp_path):
     assert cli.main(["splits", "ucf101", "--from", str(archive), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "classes.csv",
+        "missing.csv",
         "split1.csv",
         "split2.csv",
         "split3.csv",
@@ -222,3 +223,28 @@ def test_missing_source_is_a_user_error(tmp_path):
         splits.parse("ucf101", tmp_path / "nope.zip")
     with pytest.raises(UserError, match="no split files"):
         splits.parse("hmdb51", tmp_path)
+
+
+def test_absent_videos_are_left_out_and_counted_up_to_max_missing(tmp_path):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "classInd.txt").write_bytes(b"1 YoYo\r\n")
+    for s in splits.SPLITS:
+        (lists / f"trainlist0{s}.txt").write_bytes(
+            b"YoYo/v_YoYo_g01_c01.avi 1\r\nYoYo/v_YoYo_g02_c01.avi 1\r\n"
+        )
+        (lists / f"testlist0{s}.txt").write_bytes(b"YoYo/v_YoYo_g03_c01.avi\r\n")
+    videos = tmp_path / "UCF-101"
+    for rel in ("YoYo/v_YoYo_g01_c01.avi", "YoYo/v_YoYo_g03_c01.avi"):
+        (videos / rel).parent.mkdir(parents=True, exist_ok=True)
+        (videos / rel).write_bytes(b"avi")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"(?s)1 of 3 listed videos are missing.*max_missing"):
+        splits.build("ucf101", lists, out, videos, max_missing=0.3)
+    splits.build("ucf101", lists, out, videos, max_missing=0.5)
+    assert [r["video"] for r in read_csv(out / "split2.csv")] == [
+        "YoYo/v_YoYo_g01_c01.avi",
+        "YoYo/v_YoYo_g03_c01.avi",
+    ]
+    assert [r["video"] for r in read_csv(out / "missing.csv")] == ["YoYo/v_YoYo_g02_c01.avi"]
+    assert splits.missing_count(out) == 1

@@ -70,9 +70,11 @@ rule splits:
     threads: 1
     params:
         preset=PRESET,
+        settings=settings_of("splits"),
+        videos=lambda w: sources.video_root(SETTINGS, w.dataset),
     shell:
         "iicrepro splits --params params.yaml --preset {params.preset}"
-        " {wildcards.dataset} > {log} 2>&1"
+        " {wildcards.dataset} --videos {params.videos} > {log} 2>&1"
 
 
 rule frames:

@@ -46,10 +46,11 @@ class Archive:
     nested: bool = False
     into: str = ""
     mirrors: tuple[str, ...] = ()  # full URLs, tried before `url`
+    official: bool = True  # False: the mirrors hold other copies (download.mirror_sums)
 
     def urls(self) -> list[str]:
         """Download candidates in order: mirrors first, then the official URL."""
-        return [*self.mirrors, self.url]
+        return [*self.mirrors, *([self.url] if self.official else [])]
 
 
 # Official archives (spec 2.1, 2.2). The servers publish no checksums and no exact sizes, so none
@@ -154,9 +155,33 @@ def archives(settings: Any, dataset: str) -> list[Archive]:
     _check_dataset(dataset)
     found = _synthetic_archives(settings) if dataset == "synthetic" else _OFFICIAL[dataset]
     bases = (settings["download"]["mirrors"] or {}).get(dataset) or []
-    return [
-        replace(a, mirrors=tuple(mirror_url(base, a.filename) for base in bases)) for a in found
-    ]
+    out = [replace(a, mirrors=tuple(mirror_url(base, a.filename) for base in bases)) for a in found]
+    sums_file = settings["download"].get("mirror_sums")
+    if dataset == "synthetic" or not sums_file:
+        return out
+    return [_mirror_copy(a, Path(sums_file), dataset) for a in out]
+
+
+def _mirror_copy(archive: Archive, sums_file: Path, dataset: str) -> Archive:
+    """An archive the mirrors hold as their own copy (its sum listed in download.mirror_sums):
+    checked against that sum, fetched from the mirrors only."""
+    if not sums_file.is_file():
+        raise UserError(
+            f"download.mirror_sums names {sums_file}, which does not exist: write it (one "
+            "'<sha256>  <file name>' line per archive; the rehearsal's builder writes it with "
+            "`iicrepro rehearsal build`) or set download.mirror_sums to null."
+        )
+    sums = read_sha256sums(sums_file)
+    if archive.filename not in sums:
+        return archive
+    if not archive.mirrors:
+        raise UserError(
+            f"{sums_file} lists {archive.filename}, but download.mirrors.{dataset} is empty: "
+            "those sums describe a mirror's copies, so list the mirror that holds them."
+        )
+    return replace(
+        archive, sha256=sums[archive.filename], size=None, approx_size=None, official=False
+    )
 
 
 def mirror_url(base: str, filename: str) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from iicrepro.errors import UserError
 
 SPLITS = (1, 2, 3)
+MISSING = "missing.csv"  # listed videos absent from the video folder
 COLUMNS = ("video", "class", "label", "subset")
 HMDB_FILE = re.compile(r"^(?P<cls>.+)_test_split(?P<split>[123])\.txt$")
 HMDB_TAGS = {"1": "train", "2": "test"}  # tag 0 = unused by this split (spec 2.2)
@@ -228,8 +229,14 @@ class _CaseInsensitive:
         return "/".join(parts) if current.is_file() else None
 
 
-def verify_videos(splits: Splits, videos: Path) -> Splits:
-    """Check every listed video exists under `videos`; use the real on-disk path of each."""
+def verify_videos(
+    splits: Splits, videos: Path, max_missing: float = 0.0
+) -> tuple[Splits, list[str]]:
+    """Check the listed videos exist under `videos`; use the real on-disk path of each.
+
+    Returns the splits without the absent videos, and the absent ones. More than `max_missing`
+    (a fraction of the listed videos; splits.max_missing in params.yaml) absent is an error.
+    """
     if not videos.is_dir():
         raise UserError(f"video folder {videos} does not exist; extract the videos first.")
     finder = _CaseInsensitive(videos)
@@ -239,20 +246,19 @@ def verify_videos(splits: Splits, videos: Path) -> Splits:
             if e.video not in resolved:
                 resolved[e.video] = finder.resolve(e.video)
     missing = sorted(v for v, real in resolved.items() if real is None)
-    if missing:
+    if len(missing) > max_missing * len(resolved):
         head = "\n  ".join(missing[:10])
         raise UserError(
             f"{len(missing)} of {len(resolved)} listed videos are missing under {videos}, e.g.:\n"
             f"  {head}\nPass the folder that holds the <Class>/ folders as --videos, or extract "
-            "the complete video archive."
+            "the complete video archive (splits.max_missing in params.yaml is the fraction of "
+            f"listed videos that may be absent: {max_missing})."
         )
-    return Splits(
-        splits.classes,
-        {
-            s: [replace(e, video=resolved[e.video]) for e in entries]
-            for s, entries in splits.splits.items()
-        },
-    )
+    kept = {
+        s: [replace(e, video=resolved[e.video]) for e in entries if resolved[e.video] is not None]
+        for s, entries in splits.splits.items()
+    }
+    return Splits(splits.classes, kept), missing
 
 
 def _csv_text(header: tuple[str, ...], rows: list[tuple]) -> str:
@@ -263,17 +269,19 @@ def _csv_text(header: tuple[str, ...], rows: list[tuple]) -> str:
     return buf.getvalue()
 
 
-def write_manifests(splits: Splits, out: Path) -> list[Path]:
-    """DIR/split{1,2,3}.csv and DIR/classes.csv, each written atomically."""
+def write_manifests(splits: Splits, out: Path, missing: list[str] | None = None) -> list[Path]:
+    """DIR/split{1,2,3}.csv, DIR/classes.csv and DIR/missing.csv (listed videos absent from the
+    video folder, left out of the manifests), each written atomically."""
     from iicrepro.io import write_text
 
+    write_text(out / MISSING, _csv_text(("video",), [(v,) for v in missing or []]))
     written = []
     for s, entries in sorted(splits.splits.items()):
         rows = [(e.video, e.class_name, e.label, e.subset) for e in entries]
         write_text(out / f"split{s}.csv", _csv_text(COLUMNS, rows))
         written.append(out / f"split{s}.csv")
     write_text(out / "classes.csv", _csv_text(("label", "class"), list(enumerate(splits.classes))))
-    return [*written, out / "classes.csv"]
+    return [*written, out / "classes.csv", out / MISSING]
 
 
 def parse(dataset: str, source: Path) -> Splits:
@@ -290,13 +298,24 @@ def parse(dataset: str, source: Path) -> Splits:
         return parser(locate(Path(tmp), marker))
 
 
-def build(dataset: str, source: Path, out: Path, videos: Path | None = None) -> Splits:
-    """Parse, optionally verify the videos, write the manifests."""
-    splits = parse(dataset, Path(source))
+def build(
+    dataset: str, source: Path, out: Path, videos: Path | None = None, max_missing: float = 0.0
+) -> Splits:
+    """Parse, optionally verify the videos (leaving out up to `max_missing` absent), write the
+    manifests."""
+    splits, missing = parse(dataset, Path(source)), []
     if videos is not None:
-        splits = verify_videos(splits, Path(videos))
-    write_manifests(splits, Path(out))
+        splits, missing = verify_videos(splits, Path(videos), max_missing)
+    write_manifests(splits, Path(out), missing)
     return splits
+
+
+def missing_count(manifests: Path) -> int | None:
+    """How many listed videos the manifests in `manifests` left out as absent (None: unknown)."""
+    path = manifests / MISSING
+    if not path.is_file():
+        return None
+    return max(0, len(path.read_text().splitlines()) - 1)
 
 
 def add_arguments(parser) -> None:
@@ -319,23 +338,26 @@ def add_arguments(parser) -> None:
         "--videos",
         type=Path,
         default=None,
-        help="video root holding <Class>/<name>.avi; if given, every listed video must exist",
+        help="video root holding <Class>/<name>.avi; if given, the listed videos must exist "
+        "(up to splits.max_missing of them may be absent: they are left out and counted)",
     )
 
 
 def main(args) -> int:
+    from iicrepro import layout
+    from iicrepro.cli import settings_from_args
+
+    settings = settings_from_args(args)
     source, out = args.source, args.out
-    if source is None or out is None:
-        from iicrepro import layout
-        from iicrepro.cli import settings_from_args
+    if source is None:
+        from iicrepro.data.sources import splits_root
 
-        settings = settings_from_args(args)
-        if source is None:
-            from iicrepro.data.sources import splits_root
-
-            source = splits_root(settings, args.dataset)
-        out = out if out is not None else layout.manifests(settings, args.dataset)
-    splits = build(args.dataset, source, out, args.videos)
+        source = splits_root(settings, args.dataset)
+    out = out if out is not None else layout.manifests(settings, args.dataset)
+    splits = build(args.dataset, source, out, args.videos, settings["splits"]["max_missing"])
+    absent = missing_count(Path(out))
+    if absent:
+        print(f"{args.dataset}: {absent} listed videos are absent and left out ({out / MISSING})")
     for s, entries in sorted(splits.splits.items()):
         n_train = sum(e.subset == "train" for e in entries)
         print(f"{args.dataset} split{s}: {n_train} train / {len(entries) - n_train} test")
