@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 CORES ?= 2
 PRESET ?= demo
 
-.PHONY: demo test venv sysdeps lint format ui clean-results
+.PHONY: demo rehearsal test venv sysdeps lint format ui clean-results
 
 # Virtual environment with the project (editable) and its pinned stack; rebuilt when pyproject changes.
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,15 @@ demo: venv sysdeps
 	$(BIN)/snakemake --cores $(CORES) --config preset=$(PRESET)
 	@$(PY) -c 'import sys; from iicrepro import config, layout; \
 	print(layout.summary_md(config.load(preset=sys.argv[1])).read_text())' $(PRESET)
+
+# The paper's whole grid at toy size on stand-ins of the official UCF101/HMDB51 archives
+# (docs/rehearsal.md): builds them, serves them on a loopback mirror, runs the workflow to the end
+# and stops the mirror, also on failure. Two one-thread jobs at a time suit its tiny models.
+REHEARSAL_THREADS := --set-threads pretrain=1 retrieve=1 retrieve_bnrecal=1 finetune=1
+rehearsal: venv sysdeps
+	OMP_NUM_THREADS=1 $(BIN)/iicrepro rehearsal run --preset rehearsal --cores $(CORES) \
+		--snakemake "$(REHEARSAL_THREADS)"
+	@cat results/rehearsal/summary.md
 
 test: venv sysdeps
 	$(BIN)/ruff check .

@@ -26,6 +26,10 @@ STEPS: dict[str, tuple[str, str]] = {
     "models": ("iicrepro.models", "list backbones with parameter counts"),
     "import-upstream": ("iicrepro.models.upstream", "convert an upstream IIC/VCOP checkpoint"),
     "bench": ("iicrepro.bench", "throughput and memory benchmarks"),
+    "rehearsal": (
+        "iicrepro.rehearsal",
+        "stand-in UCF101/HMDB51 archives, their mirror, a full run",
+    ),
 }
 
 
