@@ -1,9 +1,12 @@
 """`iicrepro flow`: TV-L1 optical flow of every frame-store video, u and v stored apart (spec 3.2).
 
 Flow k lies between frames k and k+1, so a video of T frames has T-1 flow frames and the clip
-indices of the RGB frames are valid for flow too (spec 3.1). The flow is OpenCV's Dual TV-L1
-(`cv2.optflow.DualTVL1OpticalFlow`, settings `flow.tvl1`, defaults = OpenCV's) on the grey frames of
-the frame store, i.e. at the resolution the pipeline trains on (`frames.size`, 128x171).
+indices of the RGB frames are valid for flow too (spec 3.1). The flow is Dual TV-L1 (settings
+`flow.tvl1`, defaults = OpenCV's) on the grey frames of the frame store, i.e. at the resolution the
+pipeline trains on (`frames.size`, 128x171), computed by one of two engines (`flow.engine`):
+`opencv`, `cv2.optflow.DualTVL1OpticalFlow` one pair at a time on CPUs, or `torch`, the same
+algorithm in PyTorch (`data.tvl1`), `flow.batch` pairs at a time on `flow.device` (a GPU). Both
+go through the same scaling, clipping, quantisation and storage below.
 
 Quantisation (spec 3.2). Upstream's flow JPEGs (twostreamfusion, gpu_flow) were computed on frames
 with short side 256, clipped to +-20 px there and mapped linearly to 0..255; the loader then resized
@@ -47,8 +50,9 @@ import argparse
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +94,8 @@ TVL1_SETTERS = {
 # ----------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class FlowConfig:
-    """Everything that decides the stored flow values, plus OpenCV threads per process."""
+    """Everything that decides the stored flow values, plus where and how fast it is computed
+    (threads per process; the torch engine's device and batch)."""
 
     tvl1: Mapping[str, float] = field(default_factory=dict)  # unset keys keep OpenCV's defaults
     bound: float = 20.0
@@ -98,6 +103,9 @@ class FlowConfig:
     codec: str = "raw"
     jpeg_quality: int = 90
     threads: int = 1
+    engine: str = "opencv"
+    device: str = "auto"
+    batch: int = 64
 
     @classmethod
     def from_settings(cls, settings: Any) -> FlowConfig:
@@ -109,12 +117,17 @@ class FlowConfig:
             codec=fr["codec"],
             jpeg_quality=int(fr["jpeg_quality"]),
             threads=int(f["threads"]),
+            engine=f["engine"],
+            device=f["device"],
+            batch=int(f["batch"]),
         )
 
     def fingerprint(self) -> str:
-        """Hash of the settings that change the stored files (not `threads`)."""
+        """Hash of the settings that change the stored files (not threads, device or batch)."""
         d = {"tvl1": dict(sorted(self.tvl1.items())), "bound": self.bound, "codec": self.codec}
         d |= {"reference_short_side": self.reference_short_side, "quality": self.jpeg_quality}
+        if self.engine != "opencv":  # opencv stores keep the fingerprint they were written with
+            d["engine"] = self.engine
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -167,9 +180,41 @@ def compute_flow(frames: np.ndarray, algo) -> np.ndarray:
     return out
 
 
-def flow_components(frames: np.ndarray, algo, cfg: FlowConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Quantised u and v, each uint8 (T-1, H, W)."""
-    flow = compute_flow(frames, algo)
+def torch_device(name: str) -> str:
+    """`flow.device` -> a torch device name: auto = cuda when available, else cpu."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"flow.device={name}: CUDA is not available here; use cpu or auto")
+    return name
+
+
+def engine(cfg: FlowConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """The flow of `cfg.engine` as a function uint8 frames (T, H, W[, C]) -> float32
+    (T-1, H, W, 2), see `compute_flow`. Sets this process's threads (cfg.threads)."""
+    if cfg.engine == "opencv":
+        import cv2
+
+        cv2.setNumThreads(cfg.threads)
+        return partial(compute_flow, algo=tvl1(cfg.tvl1))
+    if cfg.engine == "torch":
+        import torch
+
+        from iicrepro.data.tvl1 import TVL1Params, video_flow
+
+        torch.set_num_threads(cfg.threads)
+        params = TVL1Params.from_settings(cfg.tvl1)
+        return partial(video_flow, params=params, device=torch_device(cfg.device), batch=cfg.batch)
+    raise UserError(f"flow.engine={cfg.engine!r}: use opencv or torch")
+
+
+def flow_components(
+    frames: np.ndarray, flow_of: Callable[[np.ndarray], np.ndarray], cfg: FlowConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quantised u and v, each uint8 (T-1, H, W); `flow_of` is an `engine`."""
+    flow = flow_of(frames)
     scale = displacement_scale(*flow.shape[1:3], cfg.reference_short_side)
     q = quantize(flow, cfg.bound, scale)
     return q[..., 0], q[..., 1]
@@ -183,17 +228,14 @@ class _Job:
     cfg: FlowConfig
 
 
-_CACHE: dict = {}  # per process: the frame store and the TV-L1 object of the current job
+_CACHE: dict = {}  # per process: the frame store and the flow engine of the current job
 
 
 def _work(job: _Job, key: str) -> tuple[str, int, list[tuple[str, str]]]:
     """Flow of one video into the u and v stores; returns (key, flow frames, issues). Never
     raises: a bad video is reported, and its stale files are removed."""
     if _CACHE.get("job") != job:
-        import cv2
-
-        cv2.setNumThreads(job.cfg.threads)
-        _CACHE.update(job=job, store=FrameStore(job.frame_root), algo=tvl1(job.cfg.tvl1))
+        _CACHE.update(job=job, store=FrameStore(job.frame_root), engine=engine(job.cfg))
     store = _CACHE["store"]
     try:
         frames = store.read_all(key)
@@ -202,7 +244,7 @@ def _work(job: _Job, key: str) -> tuple[str, int, list[tuple[str, str]]]:
     if len(frames) < 2:
         return _fail(job, key, "too_short", f"{len(frames)} frame(s): flow needs 2")
     try:
-        u, v = flow_components(frames, _CACHE["algo"], job.cfg)
+        u, v = flow_components(frames, _CACHE["engine"], job.cfg)
         for comp, data in zip(COMPONENTS, (u, v), strict=True):
             save_frames(job.out / comp, key, data, job.cfg.codec, job.cfg.jpeg_quality)
     except Exception as exc:
@@ -238,15 +280,28 @@ def _results(job: _Job, keys: list[str], workers: int, progress: bool) -> Iterat
         items = [(job, k) for k in keys]
         yield from tqdm(isolated_map(_work_item, items, workers, _crashed), **bar)
         return
-    import cv2
-
     _CACHE.clear()  # the frame store may have changed since the last call in this process
-    before = cv2.getNumThreads()
+    __import__("cv2" if job.cfg.engine == "opencv" else "torch")  # its threads are restored
+    before = _threads()
     try:
         yield from tqdm((_work(job, k) for k in keys), **bar)
     finally:
-        cv2.setNumThreads(before)
+        _threads(before)
         _CACHE.clear()
+
+
+def _threads(restore: tuple[int | None, int | None] | None = None) -> tuple:
+    """This process's (OpenCV, torch) threads of the libraries already imported, or set them."""
+    import sys
+
+    cv2, torch = sys.modules.get("cv2"), sys.modules.get("torch")
+    if restore is None:
+        return (cv2 and cv2.getNumThreads(), torch and torch.get_num_threads())
+    if cv2 and restore[0]:
+        cv2.setNumThreads(restore[0])
+    if torch and restore[1]:
+        torch.set_num_threads(restore[1])
+    return restore
 
 
 # ---------------------------------------------------------------------------- bookkeeping
