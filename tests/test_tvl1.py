@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from project import Project
 from test_flow import frame_store, interior, square_video
 
 from iicrepro.data import tvl1
@@ -187,3 +189,17 @@ def test_flow_step_with_the_torch_engine(tmp_path):
     s = compute(store, tmp_path / "cv", torch_cfg, progress=False)
     assert (s.computed, s.skipped) == (2, 0)
     assert math.isclose(torch.get_num_threads(), 1)  # the caller's threads are restored
+
+
+# ------------------------------------------------------------------------------ the workflow
+def test_torch_engine_flow_chunks_are_gpu_jobs_under_the_slurm_profile(tmp_path):
+    project = Project.create(tmp_path / "p", demo={"flow": {"engine": "torch"}}, preset="demo-flow")
+    dry = project.snakemake(
+        "-n", "--profile", "workflow/profiles/slurm", "--set-scatter", "flow=2", timeout=180
+    ).stdout
+    jobs = re.findall(r"rule (\w+):\n(?:    .*\n)*?    resources: (.*)", dry)
+    chunks = [res for rule, res in jobs if rule == "flow_chunk_gpu"]
+    assert len(chunks) == 2 and not any(rule == "flow_chunk" for rule, _ in jobs)
+    assert all("slurm_partition=gpu" in res and "gpu=1" in res for res in chunks), chunks
+    merge = [res for rule, res in jobs if rule == "flow"]
+    assert merge and "slurm_partition=cpu" in merge[0]

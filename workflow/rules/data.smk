@@ -99,8 +99,11 @@ rule frames:
 
 rule flow_chunk:
     """TV-L1 optical flow (u, v) of one chunk of the videos (the u and v views need it); the
-    chunks are independent jobs (Snakefile `scattergather`, raised by the Slurm profile).
+    chunks are independent jobs (Snakefile `scattergather`, raised by the Slurm profile). With
+    flow.engine torch the rule is named flow_chunk_gpu, so that profiles can give it a GPU.
     """
+    name:
+        "flow_chunk_gpu" if SETTINGS.flow.engine == "torch" else "flow_chunk"
     input:
         frame_index("{dataset}"),
     output:
