@@ -82,7 +82,45 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"iicrepro {args.step}: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from iicrepro.io import is_out_of_space
+
+        if not is_out_of_space(exc):
+            raise
+        # A full disk is one error for the whole step, wherever the write happened.
+        print(f"iicrepro {args.step}: error: {no_space_message(args, exc)}", file=sys.stderr)
+        return 1
     return int(rc or 0)
+
+
+def no_space_message(args: argparse.Namespace, exc: BaseException) -> str:
+    """The out-of-space message for a write that did not go through `iicrepro.io.atomic_path`:
+    the file when the error names it, else the free space where the step writes."""
+    import shutil
+
+    from iicrepro.io import human_bytes, mount_point, no_space_filename, out_of_space
+
+    filename = no_space_filename(exc)
+    if filename:
+        return str(out_of_space(filename, exc=exc))
+
+    try:
+        settings = settings_from_args(args)
+        folders = {str(settings.paths[k]) for k in ("data", "results")}
+    except Exception:  # noqa: BLE001 - the message must not fail in turn
+        folders = {"."}
+    room = []
+    for folder in sorted(folders):
+        mount = mount_point(folder)
+        try:
+            room.append(f"{folder} (on {mount}): {human_bytes(shutil.disk_usage(mount).free)} free")
+        except OSError:
+            room.append(f"{folder} (on {mount})")
+    return (
+        f"no space left on device ({exc}); {'; '.join(room)}. Free space there, or point "
+        "paths.data or paths.results in params.yaml (or --set paths.data=...) at a file system "
+        "with room, then run the step again: what it finished before is kept."
+    )
 
 
 if __name__ == "__main__":

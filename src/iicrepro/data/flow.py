@@ -30,6 +30,9 @@ Store layout (root = ``layout.flow_store(settings, dataset)``)::
     flow-log*.jsonl  one line per processed video: frames, source bytes, settings fingerprint,
                      issues, time; a chunk writes its own file
 
+A full disk (or quota) is no fault of a video: the step stops with one `OutOfSpace` error, and
+index.csv stays removed until a run (or `--merge`) completes.
+
 Resuming: a video is skipped when its log record has the current settings fingerprint and the
 current frame-file size, and both component files hold T-1 frames of the frame size. Changing a
 `flow` setting or the codec therefore recomputes everything; a failed video is retried. A record
@@ -70,7 +73,7 @@ from iicrepro.data.frames import (
     write_index,
 )
 from iicrepro.errors import UserError
-from iicrepro.io import atomic_path
+from iicrepro.io import atomic_path, is_out_of_space, out_of_space, remove_stale_temps
 
 COMPONENTS = ("u", "v")
 INDEX_COLUMNS = ["video", "frames", "height", "width", "codec", "u_bytes", "v_bytes"]
@@ -248,6 +251,8 @@ def _work(job: _Job, key: str) -> tuple[str, int, list[tuple[str, str]]]:
         for comp, data in zip(COMPONENTS, (u, v), strict=True):
             save_frames(job.out / comp, key, data, job.cfg.codec, job.cfg.jpeg_quality)
     except Exception as exc:
+        if is_out_of_space(exc):  # a full disk stops the step; it is no fault of this video
+            raise
         return _fail(job, key, "error", _describe(exc))
     return key, len(u), []
 
@@ -399,16 +404,22 @@ def compute(
     log_name = (
         "flow-log.jsonl" if chunk == (0, 1) else f"flow-log.chunk{chunk[0]}of{chunk[1]}.jsonl"
     )
+    remove_stale_temps(out, recursive=True)  # left by a killed run
     if todo:  # the combined index no longer describes the store until `merge` rewrites it
         (out / "index.csv").unlink(missing_ok=True)
     failed = 0
-    with open(out / log_name, "a") as logf:
-        for key, n, issues in _results(job, todo, workers, progress):
-            failed += n == 0
-            rec = {"video": key, "frames": n, "source_bytes": sources[key][3]}
-            rec |= {"config": cfg.fingerprint(), "issues": issues, "time": time.time()}
-            logf.write(json.dumps(rec) + "\n")  # after the files: a record means "complete"
-            logf.flush()
+    try:
+        with open(out / log_name, "a") as logf:
+            for key, n, issues in _results(job, todo, workers, progress):
+                failed += n == 0
+                rec = {"video": key, "frames": n, "source_bytes": sources[key][3]}
+                rec |= {"config": cfg.fingerprint(), "issues": issues, "time": time.time()}
+                logf.write(json.dumps(rec) + "\n")  # after the files: a record means "complete"
+                logf.flush()
+    except Exception as exc:
+        if is_out_of_space(exc) and not isinstance(exc, UserError):
+            raise out_of_space(out / log_name, exc=exc) from exc
+        raise
     computed, skipped = len(todo) - failed, len(keys) - len(todo)
     if chunk != (0, 1):
         return Summary(computed, skipped, failed, None, None)

@@ -35,9 +35,13 @@ Failure policy. The step never stops for a bad video and never drops one silentl
 * ``crash`` / ``error``: decoding killed its worker process / raised an unexpected exception
   (excluded; the other videos go on).
 An excluded video has no file; a rerun tries it again. Downstream steps drop it with `usable`.
+A full disk (or quota) is not a fault of a video: the step stops with one `OutOfSpace` error that
+says how much more the missing videos need, and leaves the store without index.csv.
 
 Resuming: files are renamed into place only when complete, so a video whose file exists with the
 configured frame size is skipped; index.csv and failures.csv are rebuilt from the files and the log.
+index.csv is removed while a run changes the store and written last, so it exists only when it
+lists exactly the complete files; temporary files of a killed run are removed on the next.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ import numpy as np
 import pandas as pd
 
 from iicrepro.errors import UserError
-from iicrepro.io import atomic_path
+from iicrepro.io import atomic_path, is_out_of_space, out_of_space, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,8 @@ class _Encoder:
 
     def write(self, path: Path) -> None:
         height, width, channels = self.shape
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        needed = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in self.parts)
+        with atomic_path(path, needed=needed) as tmp, open(tmp, "wb") as f:
             if self.codec == "raw":
                 np.save(f, np.stack(self.parts))
             else:
@@ -378,6 +383,8 @@ def _run_task(task: _Task) -> tuple[str, int, list[tuple[str, str]]]:
         _remove_other_codecs(task.out, task.key, task.codec)
         return task.key, len(enc), issues
     except Exception as exc:  # a bad video must never stop the step; it is reported instead
+        if is_out_of_space(exc):  # ... but a full disk is no fault of the video: stop
+            raise
         return task.key, 0, [("error", _describe(exc))]
 
 
@@ -475,6 +482,7 @@ def build_store(
     videos = list(dict.fromkeys(videos))
     keys = [video_key(v) for v in videos]
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, recursive=True)  # left by a killed run
     tasks, skipped = [], []
     for video, key in zip(videos, keys, strict=True):
         if _is_complete(video_file(out, key, codec), size):
@@ -483,7 +491,16 @@ def build_store(
             tasks.append(
                 _Task(key, videos_root / video, out, size, codec, jpeg_quality, min_frames)
             )
-    results = {key: (n, issues) for key, n, issues in _results(tasks, workers, progress)}
+    if tasks:  # the index no longer describes the store until this run rewrites it
+        (out / "index.csv").unlink(missing_ok=True)
+    results = {}
+    try:
+        for key, n, issues in _results(tasks, workers, progress):
+            results[key] = (n, issues)
+    except Exception as exc:
+        if is_out_of_space(exc):
+            raise _store_full(out, keys, codec, exc) from exc
+        raise
 
     logged = _read_log(out / LOG_NAME)
     rows = []
@@ -510,6 +527,24 @@ def build_store(
     if keys and not len(index):
         raise UserError(f"no video could be decoded (all {failed} failed); see {summary.failures}")
     return summary
+
+
+def _store_full(out: Path, keys: list[str], codec: str, exc: BaseException) -> UserError:
+    """The step's one error for a full disk: what is stored, and about how much more the videos
+    not yet stored need (at the mean size of the stored ones)."""
+    files = (video_file(out, key, codec) for key in keys)
+    sizes = [f.stat().st_size for f in files if f.is_file()]
+    missing = len(keys) - len(sizes)
+    needed = int(np.mean(sizes) * missing) if sizes else None
+    base = out_of_space(
+        getattr(exc, "path", None) or out, needed, exc, f"for the {missing} videos not stored"
+    )
+    return type(base)(
+        f"{base} The frame store {out} holds {len(sizes)} of {len(keys)} videos; it has no "
+        "index.csv until a run finishes.",
+        base.path,
+        base.errno,
+    )
 
 
 # ------------------------------------------------------------------------------------------ CLI

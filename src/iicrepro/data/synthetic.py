@@ -351,6 +351,7 @@ def generate(synthetic: Any, out: Path, *, workers: int = 1, force: bool = False
     out.mkdir(parents=True, exist_ok=True)
     (out / "SHA256SUMS").unlink(missing_ok=True)  # the completion marker goes first, comes last
     work = Path(tempfile.mkdtemp(prefix=".synthesize-", dir=out))
+    total = len(synthetic["classes"]) * synthetic["groups"] * synthetic["videos_per_group"]
     try:
         jobs = [
             (synthetic, motion, group, str(work))
@@ -369,12 +370,33 @@ def generate(synthetic: Any, out: Path, *, workers: int = 1, force: bool = False
         write_zip(out / VIDEOS_ZIP, videos, compress=False)  # mpeg4 does not deflate further
         lists = {f"{SPLIT_TOP}/{k}": v.encode() for k, v in split_files(synthetic).items()}
         write_zip(out / SPLITS_ZIP, lists, compress=True)
+    except Exception as exc:
+        if _is_out_of_space(exc):
+            raise _out_of_space(out, work, total, exc) from exc
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_json(out / "synthetic.json", _record(synthetic))
     sums = "".join(f"{sha256_file(out / n)}  {n}\n" for n in (SPLITS_ZIP, VIDEOS_ZIP))
     write_text(out / "SHA256SUMS", sums)
     return True
+
+
+def _is_out_of_space(exc: BaseException) -> bool:
+    from iicrepro.io import is_out_of_space
+
+    return is_out_of_space(exc)
+
+
+def _out_of_space(out: Path, work: Path, total: int, exc: BaseException) -> Exception:
+    """One error for a full disk, with an estimate of the space the dataset needs: the videos
+    (at the mean size of those written) twice, as loose files and in the archive."""
+    from iicrepro.io import out_of_space
+
+    sizes = [p.stat().st_size for p in work.rglob("*.avi") if p.is_file()]
+    needed = int(2 * total * np.mean(sizes)) if sizes else None
+    shutil.rmtree(work, ignore_errors=True)  # first: the message reports the free space without it
+    return out_of_space(out, needed, exc, f"for {total} videos and their archive")
 
 
 def add_arguments(parser) -> None:

@@ -157,12 +157,10 @@ def load_backbone(checkpoint: Path, device):
     """The backbone of one of our checkpoints, loaded strictly (spec 10.1), in eval mode."""
     from iicrepro.models import build_backbone
     from iicrepro.train.checkpoint import load_backbone as load_strict
-    from iicrepro.train.checkpoint import load_checkpoint
+    from iicrepro.train.checkpoint import load_model_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_model_checkpoint(checkpoint)
     kwargs = {k: v for k, v in (ckpt.get("model_kwargs") or {}).items() if k != "num_classes"}
-    if "backbone" not in ckpt:
-        raise UserError(f"{checkpoint} names no backbone: is it an iicrepro checkpoint?")
     model = build_backbone(ckpt["backbone"], **kwargs)
     load_strict(model, checkpoint)
     return model.to(device).eval(), ckpt

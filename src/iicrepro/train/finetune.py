@@ -50,9 +50,9 @@ def model_from_checkpoint(checkpoint: str | Path, num_classes: int, backbone: st
     Raises UserError naming every missing, unexpected or mis-shaped backbone entry.
     """
     from iicrepro.models import build_backbone
-    from iicrepro.train.checkpoint import load_backbone, load_checkpoint
+    from iicrepro.train.checkpoint import load_backbone, load_model_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_model_checkpoint(checkpoint)
     if backbone is not None and ckpt.get("backbone") != backbone:
         raise UserError(
             f"{checkpoint} holds a {ckpt.get('backbone')} backbone, not {backbone}: pass the "
@@ -245,9 +245,10 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from ckpt/last.pt if it exists and belongs to this run."""
-        from iicrepro.train.checkpoint import load_checkpoint
+        from iicrepro.train.checkpoint import clean_run_folder, load_checkpoint
         from iicrepro.train.seeding import set_rng_state
 
+        clean_run_folder(self.last.parent.parent, self.last.parent)  # a killed write's temp files
         if not self.last.is_file():
             return
         state = load_checkpoint(self.last)

@@ -255,6 +255,8 @@ def pretrain(
     final, last = out / "checkpoint.pt", out / "ckpt" / "last.pt"
 
     world, device = ddp.init(device)  # one process, or one rank of a torchrun job
+    if world.main:
+        ck.clean_run_folder(out, last.parent)  # temporary files of a killed write
     configure(device)
     seed_everything(seed)
     clips, inputs, counts = training_set(settings, view)
