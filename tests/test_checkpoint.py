@@ -99,3 +99,63 @@ def test_seed_everything_repeats_the_streams():
     a = draws()
     seed_everything(5)
     assert draws() == a
+
+
+def test_unloadable_files_get_our_message_never_the_unsafe_advice(tmp_path):
+    rand = tmp_path / "random.pt"
+    rand.write_bytes(np.random.default_rng(0).bytes(4096))
+    whole = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), whole)  # a whole pickled model, not a state dict
+    good = save_checkpoint(tmp_path / "good.pt", {"w": torch.ones(1000)})
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    expected = {
+        rand: "is not a PyTorch checkpoint",
+        whole: r"holds Python objects \(such as torch\.nn\.modules\.linear\.Linear\)",
+        cut: "damaged or incomplete",
+        empty: "damaged or incomplete",
+    }
+    for path, message in expected.items():
+        with pytest.raises(UserError, match=message) as info:
+            load_checkpoint(path)
+        text = str(info.value)
+        assert "weights_only" not in text and "trust" not in text, text
+        assert info.value.__cause__ is None and info.value.__suppress_context__  # nor its text
+
+
+def test_a_bare_state_dict_is_named_with_what_is_expected(tmp_path):
+    from iicrepro.evaluate.retrieval import load_backbone as retrieval_backbone
+    from iicrepro.train.finetune import model_from_checkpoint
+
+    model = build_backbone("r3d", **KWARGS)
+    bare = save_checkpoint(tmp_path / "bare.pt", model.state_dict())
+    first = next(iter(model.state_dict()))
+    for load in (
+        lambda: model_from_checkpoint(bare, 3, "r3d"),
+        lambda: retrieval_backbone(bare, "cpu"),
+        lambda: load_backbone(build_backbone("r3d", **KWARGS), bare),
+    ):
+        with pytest.raises(UserError) as info:
+            load()
+        text = str(info.value)
+        assert f"is a bare state dict ({len(model.state_dict())} tensors, the first {first!r})" in (
+            text
+        )
+        assert f"expected a dict with format {FORMAT!r}, 'backbone'" in text
+        assert "import-upstream" in text and "None" not in text
+
+
+def test_a_run_start_removes_the_temporary_files_of_a_killed_write(tmp_path):
+    from iicrepro.train.checkpoint import clean_run_folder
+
+    ckpt = tmp_path / "run" / "ckpt"
+    save_checkpoint(ckpt / "last.pt", {"epoch": 1})
+    stale = ckpt / ".last.pt.k3jd9x.pt.tmp"  # what a write killed with SIGKILL leaves
+    stale.write_bytes(b"PK\x03\x04 half a checkpoint")
+    other = tmp_path / "run" / ".metrics.csv.q1w2e3.tmp"
+    other.write_text("epoch\n")
+    clean_run_folder(tmp_path / "run", ckpt)
+    assert sorted(p.name for p in ckpt.parent.rglob("*")) == ["ckpt", "last.pt"]
+    assert load_checkpoint(ckpt / "last.pt") == {"epoch": 1}

@@ -140,7 +140,10 @@ def test_resume_is_bit_identical(settings, tmp_path, monkeypatch):
     part = tmp_path / "resumed"
     assert not (part / "checkpoint.pt").exists()
     assert load_checkpoint(part / "ckpt" / "last.pt")["epoch"] == 1
+    stale = part / "ckpt" / ".last.pt.x1y2z3.pt.tmp"  # as a write killed with SIGKILL leaves it
+    stale.write_bytes(b"PK\x03\x04 half a checkpoint")
     run(settings, part)
+    assert not stale.exists()  # removed when the run resumed
 
     a, b = load_checkpoint(whole / "checkpoint.pt"), load_checkpoint(part / "checkpoint.pt")
     for group in ("model", "bank"):

@@ -31,6 +31,7 @@ from iicrepro.errors import UserError
 
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 TEMP_SUFFIX = ".tmp"
+SHORT_WRITE_SLACK = 1 << 20  # a write that fails short with less free space than this: disk full
 
 
 class OutOfSpace(UserError):
@@ -151,13 +152,26 @@ def atomic_path(path: str | Path, suffix: str = "", needed: int | None = None) -
             os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except Exception as exc:
+        full = _short_write_on_full_disk(exc, tmp_path, needed)
         tmp_path.unlink(missing_ok=True)  # first: the message reports the free space without it
-        if is_out_of_space(exc) and not isinstance(exc, OutOfSpace):
+        if (full or is_out_of_space(exc)) and not isinstance(exc, OutOfSpace):
             raise out_of_space(path, needed, exc) from exc
         raise
     finally:
         tmp_path.unlink(missing_ok=True)
         os.close(fd)
+
+
+def _short_write_on_full_disk(exc: BaseException, tmp: Path, needed: int | None) -> bool:
+    """Some writers (numpy's tofile, C libraries) report a full disk as a short write without
+    errno: count it as one when the file system has less room left than the write needed."""
+    if not isinstance(exc, OSError) or exc.errno is not None:
+        return False
+    try:
+        room = shutil.disk_usage(tmp.parent).free
+    except OSError:
+        return False
+    return room < max(needed or 0, SHORT_WRITE_SLACK)
 
 
 def remove_stale_temps(folder: str | Path, recursive: bool = False) -> list[Path]:

@@ -112,7 +112,13 @@ class _Encoder:
         needed = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in self.parts)
         with atomic_path(path, needed=needed) as tmp, open(tmp, "wb") as f:
             if self.codec == "raw":
-                np.save(f, np.stack(self.parts))
+                # np.save's own write reports a full disk as a short write without errno;
+                # Python's file write raises OSError(ENOSPC). Same bytes as np.save.
+                frames = np.ascontiguousarray(np.stack(self.parts))
+                np.lib.format.write_array_header_1_0(
+                    f, np.lib.format.header_data_from_array_1_0(frames)
+                )
+                f.write(frames.data)
             else:
                 offsets = np.cumsum([0] + [len(b) for b in self.parts]).tolist()
                 header = {"frames": len(self.parts), "height": height, "width": width}
