@@ -235,8 +235,8 @@ _CACHE: dict = {}  # per process: the frame store and the flow engine of the cur
 
 
 def _work(job: _Job, key: str) -> tuple[str, int, list[tuple[str, str]]]:
-    """Flow of one video into the u and v stores; returns (key, flow frames, issues). Never
-    raises: a bad video is reported, and its stale files are removed."""
+    """Flow of one video into the u and v stores; returns (key, flow frames, issues). Raises only
+    OutOfSpace: a bad video is reported, and its stale files are removed."""
     if _CACHE.get("job") != job:
         _CACHE.update(job=job, store=FrameStore(job.frame_root), engine=engine(job.cfg))
     store = _CACHE["store"]
