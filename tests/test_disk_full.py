@@ -68,6 +68,32 @@ def test_synthesize(tmp_path, capsys):
         assert run(capsys, *argv)[0] == 0 and (source / "SHA256SUMS").is_file()
 
 
+def test_fetch_and_extract(tmp_path, capsys):
+    mnt = tmp_path / "mnt"
+    with small_filesystem(mnt, 16 * MiB):
+        data = ["--set", f"paths.data={mnt}/data"]
+        assert run(capsys, "synthesize", *data)[0] == 0
+        filler = fill(mnt, leave=64 << 10)
+        rc, err, _ = run(capsys, "fetch", "synthetic", *data, "--no-progress")
+        lines = [line for line in err.splitlines() if "iicrepro" in line or "Error" in line]
+        assert rc == 1 and len(lines) == 1 and "Traceback" not in err, err
+        assert "disk space" in err and "paths.data" in err, err
+        assert "mirror" not in err and "Tried" not in err  # no other source helps a full disk
+        if _observe:
+            _observe[0]("observed", lines[0])
+        downloads = mnt / "data" / "downloads" / "synthetic"
+        assert not list(downloads.glob("*.zip")) and not list(downloads.glob("*.sha256"))
+        filler.unlink()
+        assert run(capsys, "fetch", "synthetic", *data, "--no-progress")[0] == 0
+        filler = fill(mnt, leave=64 << 10)
+        rc, err, _ = run(capsys, "extract", "synthetic", *data)
+        lines = [line for line in err.splitlines() if "iicrepro" in line or "Error" in line]
+        assert rc == 1 and len(lines) == 1 and "Traceback" not in err, err
+        assert "space" in err and "paths.data" in err, err
+        filler.unlink()
+        assert run(capsys, "extract", "synthetic", *data)[0] == 0
+
+
 def small_videos(root: Path, n: int) -> Path:
     """n tiny real videos and a one-split manifest folder naming them."""
     names = [f"C{i % 2}/v_{i:02d}.avi" for i in range(n)]

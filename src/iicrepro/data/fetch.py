@@ -25,7 +25,6 @@ the same way and used without any network access.
 from __future__ import annotations
 
 import argparse
-import errno
 import http.client
 import os
 import shutil
@@ -38,7 +37,7 @@ from urllib.parse import unquote, urlparse
 
 from iicrepro import __version__, layout
 from iicrepro.errors import UserError
-from iicrepro.io import read_json, sha256_file, write_json, write_text
+from iicrepro.io import NO_SPACE_ERRNOS, OutOfSpace, read_json, sha256_file, write_json, write_text
 
 USER_AGENT = f"iicrepro/{__version__} (dataset fetch; urllib)"
 
@@ -73,17 +72,20 @@ def check_space(folder: Path, needed: int, what: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise UserError(
+        raise OutOfSpace(
             f"not enough disk space for {what}: {human(needed)} more are needed but only "
             f"{human(free)} are free on the file system of {folder}. Free some space, or point "
-            "paths.data in params.yaml (or --set paths.data=...) at a larger disk."
+            "paths.data in params.yaml (or --set paths.data=...) at a larger disk.",
+            folder,
         )
 
 
 def _no_space(part: Path, exc: OSError) -> UserError:
-    return UserError(
+    return OutOfSpace(
         f"the disk filled up while writing {part} ({exc.strerror}). The partial file is kept: "
-        "free some space (or move paths.data to a larger disk) and run the command again to resume."
+        "free some space (or move paths.data to a larger disk) and run the command again to resume.",
+        part,
+        exc.errno,
     )
 
 
@@ -188,7 +190,7 @@ def _copy_body(source, part: Path, mode: str, chunk_bytes: int, bar: _Progress) 
             try:
                 out.write(block)
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
+                if exc.errno in NO_SPACE_ERRNOS:  # full disk or quota
                     raise _no_space(part, exc) from exc
                 raise
             written += len(block)
@@ -528,6 +530,8 @@ def main(args: argparse.Namespace) -> int:
                 )
                 source = f"from {url}"
                 break
+            except OutOfSpace:  # no other source can help: one error, not a list of sources
+                raise
             except UserError as exc:
                 failures.append(f"  {url}:\n    {exc}")
                 if url != archive.urls()[-1]:
