@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from iicrepro.errors import UserError
-from iicrepro.models import build_backbone
-from iicrepro.train.checkpoint import (
+from iicrepro.checkpoint import (
     FORMAT,
     backbone_state,
     load_backbone,
@@ -18,7 +16,9 @@ from iicrepro.train.checkpoint import (
     plain,
     save_checkpoint,
 )
-from iicrepro.train.seeding import rng_state, seed_everything, set_rng_state
+from iicrepro.errors import UserError
+from iicrepro.models import build_backbone
+from iicrepro.seeding import rng_state, seed_everything, set_rng_state
 
 KWARGS = {"width": 0.125, "small_input": True}
 
@@ -148,7 +148,7 @@ def test_a_bare_state_dict_is_named_with_what_is_expected(tmp_path):
 
 
 def test_a_run_start_removes_the_temporary_files_of_a_killed_write(tmp_path):
-    from iicrepro.train.checkpoint import clean_run_folder
+    from iicrepro.checkpoint import clean_run_folder
 
     ckpt = tmp_path / "run" / "ckpt"
     save_checkpoint(ckpt / "last.pt", {"epoch": 1})

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from iicrepro import config, io, layout
+from iicrepro.checkpoint import load_checkpoint
 from iicrepro.data.frames import save_frames, write_index
-from iicrepro.method.intra_negative import intra_negative
-from iicrepro.method.memory_bank import MemoryBank
+from iicrepro.method.intra_negative import intra_negative, intra_negative_of_rank
+from iicrepro.method.memory_bank import DistributedMemoryBank, MemoryBank
 from iicrepro.train import distributed as ddp
 from iicrepro.train import pretrain as pt
-from iicrepro.train.checkpoint import load_checkpoint
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 # Clips of CLIP + 1 frames cropped to their full size: the clip start and the crop are fixed, so
@@ -193,9 +193,9 @@ def test_rank_draws_are_rows_of_the_global_draw(kind):
         world = ddp.World(rank, 2, rank, "gloo")
         rows = slice(3 * rank, 3 * rank + 3)
         torch.manual_seed(11)
-        part = ddp.intra_negative(x[rows], kind, world)
+        part = intra_negative_of_rank(x[rows], kind, world.rank, world.size)
         assert (part is None) if whole is None else torch.equal(part, whole[rows])
-        dbank = ddp.DistributedMemoryBank(40, 4, k=7, t=0.1, momentum=0.5, world=world)
+        dbank = DistributedMemoryBank(40, 4, k=7, t=0.1, momentum=0.5, world=world)
         assert torch.equal(dbank.sample_indices(index[rows]), idx[rows])
     assert whole is None or not torch.equal(whole, x)
 

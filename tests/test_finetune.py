@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from iicrepro import cli, io
+from iicrepro import cli, io, layout
+from iicrepro.checkpoint import load_checkpoint, save_checkpoint
 from iicrepro.errors import UserError
-from iicrepro.train.checkpoint import load_checkpoint, save_checkpoint
-from iicrepro.train.finetune import default_run, finetune, model_from_checkpoint, parameter_groups
+from iicrepro.train.finetune import finetune, model_from_checkpoint, parameter_groups
 
 
 def init_pt(tiny):
@@ -60,9 +60,12 @@ def test_two_parameter_groups_split_at_conv4(tiny):
 
 def test_default_run_names(tiny):
     run_dir = Path("results/pretrain/synthetic/r3d-residual-repeat-s0")
-    assert default_run(run_dir / "checkpoint.pt", "residual", 0) == "r3d-residual-repeat-s0"
-    assert default_run(run_dir / "init.pt", "residual", 0) == "r3d-residual-random-s0"
-    assert default_run(run_dir / "checkpoint.pt", "rgb", 5) == "r3d-residual-repeat-s0-ftrgb-fs5"
+    assert layout.finetune_run(run_dir / "checkpoint.pt", "residual", 0) == "r3d-residual-repeat-s0"
+    assert layout.finetune_run(run_dir / "init.pt", "residual", 0) == "r3d-residual-random-s0"
+    assert (
+        layout.finetune_run(run_dir / "checkpoint.pt", "rgb", 5)
+        == "r3d-residual-repeat-s0-ftrgb-fs5"
+    )
 
 
 def run(tiny, out, **kw):

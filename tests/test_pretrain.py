@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from iicrepro import config, io, layout
+from iicrepro.checkpoint import load_backbone, load_checkpoint
 from iicrepro.cli import main as cli_main
 from iicrepro.data.frames import save_frames, write_index
 from iicrepro.errors import UserError
 from iicrepro.method.memory_bank import MemoryBank
 from iicrepro.models import build_backbone
 from iicrepro.train import pretrain as pt
-from iicrepro.train.checkpoint import load_backbone, load_checkpoint
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 VIDEOS, FRAMES, SIZE = 12, 10, 28
@@ -93,7 +93,9 @@ def test_pretrain_end_to_end(settings, tmp_path):
     summary = io.read_json(out / "metrics.json")
     assert summary["chance_loss"] == pytest.approx(2 * math.log(2 * 16 + 2))
     assert summary["epochs"] == 2 and summary["steps"] == 2 * (VIDEOS // 4)
-    assert summary["videos"] == {"listed": VIDEOS, "used": VIDEOS, "excluded": 0}
+    videos = summary["videos"]
+    assert (videos["listed"], videos["used"], videos["excluded"]) == (VIDEOS, VIDEOS, 0)
+    assert videos["excluded_by_reason"] == {} and videos["excluded_videos"] == []
     assert "code_version" in summary["provenance"]
 
     ckpt = load_checkpoint(out / "checkpoint.pt")

@@ -10,7 +10,7 @@ import torch
 
 from iicrepro import cli, io, layout
 from iicrepro.errors import UserError
-from iicrepro.evaluate.retrieval import default_run, joint, retrieve, topk_accuracy
+from iicrepro.evaluate.retrieval import joint, retrieve, topk_accuracy
 
 E = np.eye(3)
 
@@ -114,6 +114,7 @@ def test_retrieve_writes_every_modality_and_counts_every_video(tiny):
     g, q = m["counts"]["gallery"], m["counts"]["query"]
     assert (g["listed"], g["used"], g["excluded_decode"], g["dropped_last_batch"]) == (13, 12, 1, 0)
     assert g["excluded_videos"] == [data.MISSING]
+    assert g["excluded_by_reason"] == {"missing": 1} and q["excluded_by_reason"] == {}
     assert (q["listed"], q["used"], q["excluded_decode"], q["dropped_last_batch"]) == (6, 6, 0, 0)
     assert m["bn"] == "as-initialised" and m["view"] == "residual"
     assert m["checkpoint"]["sha256"] == io.sha256_file(tiny["run_dir"] / "checkpoint.pt")
@@ -247,18 +248,20 @@ def test_recalibrate_bn_is_a_cumulative_average_of_batch_statistics():
 
 def test_default_run_names():
     assert (
-        default_run(Path("r/pretrain/s/r3d-residual-repeat-s1/checkpoint.pt"), "as-initialised")
+        layout.retrieval_run(
+            Path("r/pretrain/s/r3d-residual-repeat-s1/checkpoint.pt"), "as-initialised"
+        )
         == "r3d-residual-repeat-s1"
     )
     assert (
-        default_run(Path("r/pretrain/s/r3d-u-shuffle-s2/init.pt"), "recalibrate")
+        layout.retrieval_run(Path("r/pretrain/s/r3d-u-shuffle-s2/init.pt"), "recalibrate")
         == "r3d-u-random-s2-bnrecal"
     )
 
 
 def test_missing_backbone_entry_is_named(tiny, tmp_path):
+    from iicrepro.checkpoint import load_checkpoint, save_checkpoint
     from iicrepro.evaluate.retrieval import load_backbone
-    from iicrepro.train.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(tiny["run_dir"] / "checkpoint.pt")
     del state["model"]["conv3.block1.bn2.running_var"]

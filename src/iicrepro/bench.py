@@ -625,7 +625,7 @@ def run(settings: Any, args: argparse.Namespace, result: dict) -> None:
     interrupted run still leaves what it measured)."""
     import torch
 
-    from iicrepro.train.devices import configure, pick_device
+    from iicrepro.devices import configure, pick_device
 
     profile = QUICK if args.quick else FULL
     if args.videos:

@@ -94,6 +94,28 @@ def parse_run_name(name: str) -> dict | None:
     }
 
 
+def retrieval_run(checkpoint: Path, bn: str) -> str:
+    """Evaluation run name of a checkpoint: its pretraining folder's name; a seed's init.pt is
+    that seed's random-init run; BN-recalibrated evaluations end in '-bnrecal'."""
+    run = Path(checkpoint).resolve().parent.name
+    if Path(checkpoint).name == "init.pt":
+        p = parse_run_name(run)
+        run = run_name(p["backbone"], p["view"], "random", p["seed"]) if p else f"{run}-init"
+    return run + ("-bnrecal" if bn == "recalibrate" else "")
+
+
+def finetune_run(checkpoint: Path, view: str, seed: int) -> str:
+    """The pretraining run's name (init.pt: its random-init name), suffixed with the fine-tuning
+    input and seed where they differ from the pretraining run's."""
+    run = retrieval_run(checkpoint, "as-initialised")
+    parsed = parse_run_name(run) or {}
+    if parsed.get("view") != view:
+        run += f"-ft{view}"
+    if parsed.get("seed") != seed:
+        run += f"-fs{seed}"
+    return run
+
+
 def pretrain_dir(settings: Any, backbone: str, view: str, intra_negative: str, seed: int) -> Path:
     """checkpoint.pt (final), ckpt/last.pt (resume), init.pt (epoch-0 weights), metrics.csv/json."""
     dataset = settings["pretrain"]["dataset"]

@@ -98,66 +98,11 @@ def joint(rgb: np.ndarray, view: np.ndarray, *, l2: bool = False) -> np.ndarray:
 # --------------------------------------------------------------------------- data and model
 
 
-def load_manifest(settings: Any, dataset: str, split: int):
-    import pandas as pd
-
-    path = layout.manifest(settings, dataset, split)
-    if not path.is_file():
-        raise UserError(f"manifest {path} not found: run `iicrepro splits {dataset}` first")
-    return pd.read_csv(path)
-
-
-def usable_subset(
-    settings: Any, manifest, store, subset: str, *, flows=None, batch_size=None, drop_last=False
-):
-    """Videos of one subset that decoded (and have flow, for a u / v view), with counts of what
-    was left out and why. `drop_last` reproduces upstream's loader dropping the last partial
-    batch (spec 10.2)."""
-    from iicrepro.data.frames import usable
-
-    min_frames = max(settings["frames"]["min_frames"], settings["clips"]["length"] + 1)
-    listed = manifest[manifest["subset"] == subset].reset_index(drop=True)
-    kept, excluded = usable(listed, store, min_frames)
-    no_flow = []
-    for flow in (flows or {}).values():  # flow has one frame fewer than RGB (spec 3.1)
-        kept, missing = usable(kept, flow, min_frames - 1)
-        no_flow += [str(v) for v in missing["video"]]
-    dropped = len(kept) % batch_size if drop_last and batch_size else 0
-    kept = kept.iloc[: len(kept) - dropped].reset_index(drop=True)
-    counts = {
-        "listed": len(listed),
-        "used": len(kept),
-        "excluded_decode": len(excluded),
-        "excluded_flow": len(no_flow),
-        "dropped_last_batch": dropped,
-        "excluded_videos": [str(v) for v in excluded["video"]] + no_flow,
-    }
-    if len(kept) == 0:
-        raise UserError(
-            f"no usable {subset} videos ({len(listed)} listed, {len(excluded)} failed decoding, "
-            f"{len(no_flow)} without flow): check the frame store (iicrepro frames), the flow "
-            "store (iicrepro flow) and frames.min_frames"
-        )
-    return kept, counts
-
-
-def flow_stores(settings: Any, dataset: str, view: str) -> dict | None:
-    """The flow component store a u / v view reads, as EvalClips/TrainClips expect it."""
-    if view not in ("u", "v"):
-        return None
-    from iicrepro.data.frames import FrameStore
-
-    root = layout.flow_store(settings, dataset) / view
-    if not (root / "index.csv").is_file():
-        raise UserError(f"flow store {root} not found: run `iicrepro flow {dataset}` first")
-    return {view: FrameStore(root)}
-
-
 def load_backbone(checkpoint: Path, device):
     """The backbone of one of our checkpoints, loaded strictly (spec 10.1), in eval mode."""
+    from iicrepro.checkpoint import load_backbone as load_strict
+    from iicrepro.checkpoint import load_model_checkpoint
     from iicrepro.models import build_backbone
-    from iicrepro.train.checkpoint import load_backbone as load_strict
-    from iicrepro.train.checkpoint import load_model_checkpoint
 
     ckpt = load_model_checkpoint(checkpoint)
     kwargs = {k: v for k, v in (ckpt.get("model_kwargs") or {}).items() if k != "num_classes"}
@@ -276,19 +221,10 @@ def _write_cache(path: Path, feats, labels, index, videos: list[str], fields: di
 # --------------------------------------------------------------------------- the step
 
 
-def default_run(checkpoint: Path, bn: str) -> str:
-    """Run name from the pretraining folder; a seed's init.pt is that seed's random-init run."""
-    run = checkpoint.resolve().parent.name
-    if checkpoint.name == "init.pt":
-        p = layout.parse_run_name(run)
-        run = layout.run_name(p["backbone"], p["view"], "random", p["seed"]) if p else f"{run}-init"
-    return run + ("-bnrecal" if bn == "recalibrate" else "")
-
-
 def _loader(dataset, batch_size, workers, device, *, shuffle=False, seed=0):
     import torch
 
-    from iicrepro.train.devices import pin_memory
+    from iicrepro.devices import pin_memory
 
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
@@ -298,45 +234,33 @@ def _loader(dataset, batch_size, workers, device, *, shuffle=False, seed=0):
 
 def _recalibration_pass(settings, model, view, device) -> dict:
     """BN recalibration on the pretraining dataset's training clips, both modalities."""
-    from iicrepro.data.clips import TrainClips
-    from iicrepro.data.frames import FrameStore
-    from iicrepro.train.seeding import seed_everything
+    from iicrepro.data.datasets import recalibration_set
+    from iicrepro.seeding import seed_everything
 
-    ds, split = settings["pretrain"]["dataset"], settings["pretrain"]["split"]
-    store = FrameStore(layout.frame_store(settings, ds))
-    flows = flow_stores(settings, ds, view)
-    manifest = load_manifest(settings, ds, split)
-    kept, _ = usable_subset(settings, manifest, store, "train", flows=flows)
-    clips = TrainClips(
-        kept, store, clip_len=settings["clips"]["length"], crop=settings["clips"]["crop"],
-        flow_stores=flows,
-    )  # fmt: skip
+    clips = recalibration_set(settings, view)
     seed_everything(RECALIBRATION_SEED)
     loader = _loader(
         clips, settings["pretrain"]["batch_size"], settings["retrieval"]["workers"], device,
         shuffle=True, seed=RECALIBRATION_SEED,
     )  # fmt: skip
     seen = recalibrate_bn(model, loader, list(dict.fromkeys(["rgb", view])), device)
-    batch = settings["pretrain"]["batch_size"]
-    return {"dataset": ds, "split": split, "subset": "train", "clips": seen, "batch_size": batch,
-            "seed": RECALIBRATION_SEED}  # fmt: skip
+    p = settings["pretrain"]
+    return {"dataset": p["dataset"], "split": p["split"], "subset": "train", "clips": seen,
+            "batch_size": p["batch_size"], "seed": RECALIBRATION_SEED}  # fmt: skip
 
 
 def _subset_features(settings, model, out, base, store, flows, kept, view, device) -> dict:
     """Video features of one subset per modality, from the cache or extracted (and cached)."""
-    from iicrepro.data.clips import EvalClips
+    from iicrepro.data.datasets import evaluation_clips
 
-    r, c = settings["retrieval"], settings["clips"]
+    r = settings["retrieval"]
     modalities = list(dict.fromkeys(["rgb", view]))
     videos = [str(v) for v in kept["video"]]
     paths = {m: _cache_path(out, {**base, "modality": m}) for m in modalities}
     found = {m: _read_cache(paths[m], videos) for m in modalities}
     missing = [m for m in modalities if found[m] is None]
     if missing:
-        clips = EvalClips(
-            kept, store, clip_len=c["length"], crop=c["crop"], num_clips=c["eval_clips"],
-            flow_stores=flows if view in missing else None,
-        )  # fmt: skip
+        clips = evaluation_clips(settings, kept, store, flows if view in missing else None)
         got = extract(
             model, _loader(clips, r["batch_size"], r["workers"], device), missing,
             features=r["features"], conv_pool=r["conv_pool"], device=device,
@@ -362,8 +286,8 @@ def retrieve(
     device: str | None = None,
 ) -> Path:
     """Evaluate one checkpoint by retrieval on `dataset`; returns the output folder."""
-    from iicrepro.data.frames import FrameStore
-    from iicrepro.train.devices import pick_device
+    from iicrepro.data.datasets import flow_stores, frame_store, load_manifest, usable_subset
+    from iicrepro.devices import pick_device
 
     if view not in VIEWS:
         raise UserError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
@@ -373,13 +297,17 @@ def retrieve(
     if not checkpoint.is_file():
         raise UserError(f"checkpoint {checkpoint} not found: run `iicrepro pretrain` first")
     r, c = settings["retrieval"], settings["clips"]
-    out = Path(out) if out else layout.retrieval_dir(settings, dataset, default_run(checkpoint, bn))
+    out = (
+        Path(out)
+        if out
+        else layout.retrieval_dir(settings, dataset, layout.retrieval_run(checkpoint, bn))
+    )
     device = pick_device(device)
     sha = io.sha256_file(checkpoint)
     model, ckpt = load_backbone(checkpoint, device)
     recal = _recalibration_pass(settings, model, view, device) if bn == "recalibrate" else None
 
-    store = FrameStore(layout.frame_store(settings, dataset))
+    store = frame_store(settings, dataset)
     flows = flow_stores(settings, dataset, view)
     manifest = load_manifest(settings, dataset, r["split"])
     base = {  # every setting that changes a feature: the cache key

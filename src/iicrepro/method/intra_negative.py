@@ -58,3 +58,19 @@ def intra_negative(x: torch.Tensor, kind: str, generator=None) -> torch.Tensor |
     if kind == "none":
         return None
     raise ValueError(f"unknown intra-negative {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def intra_negative_of_rank(x: torch.Tensor, kind: str, rank: int = 0, size: int = 1):
+    """The intra-negatives of one rank's clips in a job of `size` processes, drawn as one process
+    would draw them for the whole global batch (spec 6): frame orders are picked for B * size
+    stand-in clips of frame numbers, and this rank applies its rows to its B clips. The same RNG
+    state on every rank gives every rank its share of one draw."""
+    if size == 1:
+        return intra_negative(x, kind)
+    b, c, t = x.shape[:3]
+    numbers = torch.arange(t, device=x.device).view(1, 1, t, 1, 1)
+    order = intra_negative(numbers.expand(b * size, 1, t, 1, 1), kind)
+    if order is None:
+        return None
+    order = order[rank * b : (rank + 1) * b].view(b, 1, t, 1, 1)
+    return torch.gather(x, 2, order.expand(b, c, t, *x.shape[3:]))

@@ -5,6 +5,10 @@ feature of video y the positive is the view-2 bank row y; the negatives are K ra
 (inter-negatives) and the intra-negative rows of y and of the same K videos. Symmetrically for
 view 2 against the view-1 bank. Without intra-negatives (`intra=False`) this is the two-bank CMC
 baseline (spec 7.9).
+
+Several processes (DDP): `DistributedMemoryBank` keeps the banks identical on every rank, with
+`concat_all_gather` beside it (as MoCo keeps its gather beside the builder); `memory_bank(world,
+...)` picks the one a job needs.
 """
 
 from __future__ import annotations
@@ -115,6 +119,52 @@ class MemoryBank(nn.Module):
         )
 
 
+# ---------------------------------------------------------------------------- several processes
+class DistributedMemoryBank(MemoryBank):
+    """A MemoryBank that stays identical on every rank of a DDP job (same buffers, same state
+    dict), so W ranks with B / W clips each compute what one process with batch B computes.
+
+    Negative indices are drawn for the global batch and sliced (the RNG state is the same on
+    every rank); the update gathers every rank's features and indices and applies them all.
+    `world` is any object with `rank` and `size` (``train.distributed.World``).
+    """
+
+    def __init__(self, *args, world, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.world = world
+
+    def sample_indices(self, index: torch.Tensor, generator=None) -> torch.Tensor:
+        b, r = len(index), self.world.rank
+        whole = torch.zeros(b * self.world.size, dtype=torch.long, device=index.device)
+        idx = super().sample_indices(whole, generator)[r * b : (r + 1) * b].clone()
+        idx[:, 0] = index.to(idx.device)
+        return idx
+
+    @torch.no_grad()
+    def update(self, index, f1, f2, fn=None) -> None:
+        feats = [f.detach().float() for f in (f1, f2, fn) if f is not None]
+        packed = concat_all_gather(torch.cat(feats, dim=1))
+        index = concat_all_gather(index.to(packed.device))
+        super().update(index, *packed.split(self.dim, dim=1))
+
+
+def memory_bank(world, *args, **kwargs) -> MemoryBank:
+    """MemoryBank(*args, **kwargs), or its distributed twin when `world` is a process group."""
+    if world.distributed:
+        return DistributedMemoryBank(*args, world=world, **kwargs)
+    return MemoryBank(*args, **kwargs)
+
+
+def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
+    """Rank-ordered concatenation along dim 0 of every rank's `t` (same shape on all ranks)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------- loss
 def nce_loss(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with target 0 (the positive) for each view, summed (spec 7.5)."""
     target = torch.zeros(len(logits1), dtype=torch.long, device=logits1.device)

@@ -9,10 +9,10 @@ one process with batch B computes (up to float rounding):
   upstream's single GPU (spec 7.1).
 * The memory banks stay identical on every rank: logits use the banks as they were before the
   step; then every rank gathers all ranks' features and indices and applies the same update
-  (spec 7.6). See `DistributedMemoryBank`.
+  (spec 7.6). See `method.memory_bank.DistributedMemoryBank`.
 * Per-step random draws (negative indices, intra-negative frames) are drawn for the whole global
   batch from the main process's RNG, which is identical on every rank, and each rank keeps its own
-  rows. Clip sampling therefore always runs in DataLoader workers (their seeds differ per rank), so
+  rows (`method.intra_negative.intra_negative_of_rank`). Clip sampling therefore always runs in DataLoader workers (their seeds differ per rank), so
   nothing rank-specific touches the main process's RNG.
 * `RankBatchSampler` deals each global batch of the single-process shuffled order out to the
   ranks; the loader generator advances as in one process, so resuming needs no `set_epoch`.
@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from iicrepro.errors import UserError
-from iicrepro.method.memory_bank import MemoryBank
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -95,7 +94,7 @@ def init(device_name: str | None = None) -> tuple[World, torch.device]:
     Under torchrun the CUDA device is cuda:LOCAL_RANK (backend nccl); a CPU job uses gloo. A
     process group is created even for one process, so `--nproc-per-node=1` exercises the DDP path.
     """
-    from iicrepro.train.devices import pick_device
+    from iicrepro.devices import pick_device
 
     device = pick_device(device_name)
     if not launched():
@@ -186,66 +185,6 @@ def data_loader(dataset, world: World, *, batch_size: int, workers: int, generat
         pin_memory=pin_memory,
         worker_init_fn=functools.partial(seed_worker, rank=world.rank),
     )
-
-
-def intra_negative(x: torch.Tensor, kind: str, world: World) -> torch.Tensor | None:
-    """The intra-negatives of this rank's clips, drawn as one process would draw them for the
-    global batch (spec 6): `method.intra_negative` picks frame orders for B stand-in clips of
-    frame numbers; this rank applies its rows to its clips."""
-    from iicrepro.method.intra_negative import intra_negative as make
-
-    if world.size == 1:
-        return make(x, kind)
-    b, c, t = x.shape[:3]
-    numbers = torch.arange(t, device=x.device).view(1, 1, t, 1, 1)
-    order = make(numbers.expand(b * world.size, 1, t, 1, 1), kind)
-    if order is None:
-        return None
-    order = order[world.rank * b : (world.rank + 1) * b].view(b, 1, t, 1, 1)
-    return torch.gather(x, 2, order.expand(b, c, t, *x.shape[3:]))
-
-
-# ----------------------------------------------------------------------------------- the banks
-class DistributedMemoryBank(MemoryBank):
-    """A MemoryBank that stays identical on every rank (same buffers, same state dict).
-
-    Negative indices are drawn for the global batch and sliced, and the update applies every
-    rank's features, so each rank computes the rows one process with batch B would compute.
-    """
-
-    def __init__(self, *args, world: World, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.world = world
-
-    def sample_indices(self, index: torch.Tensor, generator=None) -> torch.Tensor:
-        b, r = len(index), self.world.rank
-        whole = torch.zeros(b * self.world.size, dtype=torch.long, device=index.device)
-        idx = super().sample_indices(whole, generator)[r * b : (r + 1) * b].clone()
-        idx[:, 0] = index.to(idx.device)
-        return idx
-
-    @torch.no_grad()
-    def update(self, index, f1, f2, fn=None) -> None:
-        feats = [f.detach().float() for f in (f1, f2, fn) if f is not None]
-        packed = _all_gather(torch.cat(feats, dim=1))
-        index = _all_gather(index.to(packed.device))
-        super().update(index, *packed.split(self.dim, dim=1))
-
-
-def memory_bank(world: World, *args, **kwargs) -> MemoryBank:
-    """MemoryBank(*args, **kwargs), or its distributed twin in a process group."""
-    if world.distributed:
-        return DistributedMemoryBank(*args, world=world, **kwargs)
-    return MemoryBank(*args, **kwargs)
-
-
-def _all_gather(t: torch.Tensor) -> torch.Tensor:
-    """Rank-ordered concatenation along dim 0 of every rank's `t` (same shape on all ranks)."""
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------------- batchnorm

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from iicrepro import io, layout, track
+from iicrepro.checkpoint import FORMAT
 from iicrepro.errors import UserError
-from iicrepro.train.checkpoint import FORMAT
 
 VIEWS = ("rgb", "residual", "u", "v")
 # Parameters trained at `ft_lr` (spec 11: conv4, conv5 and the head); the rest use `lr`. Matched on
@@ -49,8 +49,8 @@ def model_from_checkpoint(checkpoint: str | Path, num_classes: int, backbone: st
 
     Raises UserError naming every missing, unexpected or mis-shaped backbone entry.
     """
+    from iicrepro.checkpoint import load_backbone, load_model_checkpoint
     from iicrepro.models import build_backbone
-    from iicrepro.train.checkpoint import load_backbone, load_model_checkpoint
 
     ckpt = load_model_checkpoint(checkpoint)
     if backbone is not None and ckpt.get("backbone") != backbone:
@@ -93,46 +93,6 @@ def parameter_groups(model, backbone: str, lr: float, ft_lr: float) -> list[dict
 def epoch_seed(seed: int, epoch: int) -> int:
     """Sampling seed of one epoch: a resumed run draws the clips of the uninterrupted one."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def hold_out(train, val_size: int, seed: int):
-    """Seeded split of the train list into (train, validation), like torch random_split."""
-    import torch
-
-    if val_size >= len(train):
-        raise UserError(
-            f"finetune.val_size ({val_size}) must be smaller than the {len(train)} usable training "
-            "videos: lower finetune.val_size for this dataset"
-        )
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-    val, rest = sorted(perm[:val_size]), sorted(perm[val_size:])
-    return train.iloc[rest].reset_index(drop=True), train.iloc[val].reset_index(drop=True)
-
-
-def prepare_data(settings: Any, dataset: str, split: int, view: str, seed: int) -> dict:
-    """Usable videos of the split: train minus a seeded validation subset, validation, test."""
-    import pandas as pd
-
-    from iicrepro.data.frames import FrameStore
-    from iicrepro.evaluate.retrieval import flow_stores, load_manifest, usable_subset
-
-    val_size = settings["finetune"]["val_size"].get(dataset)
-    if val_size is None:
-        raise UserError(f"finetune.val_size has no entry for {dataset}: add one in params.yaml")
-    store = FrameStore(layout.frame_store(settings, dataset))
-    manifest = load_manifest(settings, dataset, split)
-    flows = flow_stores(settings, dataset, view)
-    train_all, train_counts = usable_subset(settings, manifest, store, "train", flows=flows)
-    test, test_counts = usable_subset(settings, manifest, store, "test", flows=flows)
-    train, val = hold_out(train_all, val_size, seed)
-    classes_csv = layout.manifests(settings, dataset) / "classes.csv"
-    classes = (
-        len(pd.read_csv(classes_csv)) if classes_csv.is_file() else int(manifest["label"].max()) + 1
-    )
-    counts = {"train": len(train), "val": len(val), "test": len(test),
-              "train_list": train_counts, "test_list": test_counts}  # fmt: skip
-    return {"store": store, "flows": flows, "train": train,
-            "val": val, "test": test, "classes": classes, "counts": counts}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- loops
@@ -193,26 +153,12 @@ def test_logits(model, loader, view, residual_scaled, device):
 # --------------------------------------------------------------------------- the step
 
 
-def default_run(checkpoint: Path, view: str, seed: int) -> str:
-    """The pretraining run's name (init.pt: its random-init name), suffixed with the fine-tuning
-    input and seed where they differ from the pretraining run's."""
-    from iicrepro.evaluate.retrieval import default_run as pretrain_run
-
-    run = pretrain_run(checkpoint, "as-initialised")
-    parsed = layout.parse_run_name(run) or {}
-    if parsed.get("view") != view:
-        run += f"-ft{view}"
-    if parsed.get("seed") != seed:
-        run += f"-fs{seed}"
-    return run
-
-
 def _cpu_state(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _save(path: Path, state: dict) -> None:
-    from iicrepro.train.checkpoint import plain, save_checkpoint
+    from iicrepro.checkpoint import plain, save_checkpoint
 
     save_checkpoint(
         path, {k: plain(v) if k in ("identity", "history") else v for k, v in state.items()}
@@ -245,8 +191,8 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from ckpt/last.pt if it exists and belongs to this run."""
-        from iicrepro.train.checkpoint import clean_run_folder, load_checkpoint
-        from iicrepro.train.seeding import set_rng_state
+        from iicrepro.checkpoint import clean_run_folder, load_checkpoint
+        from iicrepro.seeding import set_rng_state
 
         clean_run_folder(self.last.parent.parent, self.last.parent)  # a killed write's temp files
         if not self.last.is_file():
@@ -274,7 +220,7 @@ class Trainer:
         _save(self.out / "best.pt", {**self.head, **best})
 
     def checkpoint(self) -> None:
-        from iicrepro.train.seeding import rng_state
+        from iicrepro.seeding import rng_state
 
         _save(self.last, {
             **self.head, "identity": self.identity, "epoch": self.epoch,
@@ -323,11 +269,11 @@ def finetune(
     """
     import torch
 
-    from iicrepro.data.clips import EvalClips, TrainClips
+    from iicrepro.checkpoint import load_checkpoint, plain
+    from iicrepro.data.datasets import evaluation_clips, finetuning_data, training_clips
+    from iicrepro.devices import pick_device, pin_memory
     from iicrepro.evaluate.recognition import clip_accuracy, video_accuracy, video_predictions
-    from iicrepro.train.checkpoint import load_checkpoint, plain
-    from iicrepro.train.devices import pick_device, pin_memory
-    from iicrepro.train.seeding import seed_everything
+    from iicrepro.seeding import seed_everything
 
     if view not in VIEWS:
         raise UserError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
@@ -338,15 +284,18 @@ def finetune(
         hint = "the seed's init.pt" if init == "random" else "checkpoint.pt"
         raise UserError(f"checkpoint {checkpoint} not found: pass {hint} of `iicrepro pretrain`")
     f, c = settings["finetune"], settings["clips"]
-    run = default_run(checkpoint, view, seed)
+    run = layout.finetune_run(checkpoint, view, seed)
     out = Path(out) if out else layout.finetune_dir(settings, dataset, split, run)
     device = pick_device(device)
     residual_scaled = f["residual"] == "rescaled"  # spec 3.3: unscaled since upstream 6632296
     sha = io.sha256_file(checkpoint)
-    data = prepare_data(settings, dataset, split, view, seed)
-    clip_kw = {"clip_len": c["length"], "crop": c["crop"], "flow_stores": data["flows"]}
-    train_ds = TrainClips(data["train"], data["store"], **clip_kw)
-    val_ds = TrainClips(data["val"], data["store"], **clip_kw) if len(data["val"]) else None
+    data = finetuning_data(settings, dataset, split, view, seed)
+    train_ds = training_clips(settings, data["train"], data["store"], data["flows"])
+    val_ds = (
+        training_clips(settings, data["val"], data["store"], data["flows"])
+        if len(data["val"])
+        else None
+    )
 
     def loader(ds, shuffle: bool, g_seed: int):
         return torch.utils.data.DataLoader(
@@ -393,8 +342,7 @@ def finetune(
     # Test the best-validation model: every test video, eval_clips centre crops (spec 11).
     trainer.save_best()  # also when no epoch improved on the initial weights (non-finite losses)
     model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    test_ds = EvalClips(data["test"], data["store"], clip_len=c["length"], crop=c["crop"],
-                        num_clips=c["eval_clips"], flow_stores=data["flows"])  # fmt: skip
+    test_ds = evaluation_clips(settings, data["test"], data["store"], data["flows"])
     logits, labels = test_logits(model, loader(test_ds, False, seed), view, residual_scaled, device)
     preds = video_predictions(logits)
     lines = ["video,label,prediction"]

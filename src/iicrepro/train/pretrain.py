@@ -76,17 +76,19 @@ def train_step(ctx: StepContext, batch: dict):
     """
     import torch
 
+    from iicrepro.devices import autocast
+    from iicrepro.method.intra_negative import intra_negative_of_rank
     from iicrepro.method.memory_bank import nce_loss, positive_rank1
     from iicrepro.method.views import make_view, to_unit
     from iicrepro.train import distributed as ddp
-    from iicrepro.train.devices import autocast
 
     x = to_unit(batch["video"].to(ctx.device, non_blocking=True))
     flow = batch.get("flow")
     if flow is not None:
         flow = to_unit(flow.to(ctx.device, non_blocking=True))
     index = batch["index"].to(ctx.device, non_blocking=True)
-    neg = ddp.intra_negative(x, ctx.intra_negative, ctx.world or ddp.SINGLE)
+    world = ctx.world or ddp.SINGLE
+    neg = intra_negative_of_rank(x, ctx.intra_negative, world.rank, world.size)
     with autocast(ctx.device, ctx.amp):
         f1 = ctx.model(x)
         # view rgb: view 2 is the very same feature (spec 5, degenerate upstream option).
@@ -158,41 +160,6 @@ def run_epoch(
     }
 
 
-# ----------------------------------------------------------------------------------------- data
-def training_set(settings: Any, view: str):
-    """The pretraining clips (spec 4: train subset, one clip per video per epoch) and the input
-    files for provenance. A kept video's position is its memory-bank row."""
-    import pandas as pd
-
-    from iicrepro.data.clips import PretrainClips
-    from iicrepro.data.frames import FrameStore, usable
-    from iicrepro.evaluate.retrieval import flow_stores
-
-    p = settings["pretrain"]
-    manifest = layout.manifest(settings, p["dataset"], p["split"])
-    if not manifest.is_file():
-        raise UserError(
-            f"manifest {manifest} not found: run `iicrepro splits {p['dataset']}` first"
-        )
-    df = pd.read_csv(manifest)
-    train = df[df["subset"] == "train"].reset_index(drop=True)
-    store = FrameStore(layout.frame_store(settings, p["dataset"]))
-    min_frames = settings["frames"]["min_frames"]
-    kept, excluded = usable(train, store, min_frames)
-    flows = flow_stores(settings, p["dataset"], view)
-    no_flow = 0
-    for flow in (flows or {}).values():  # a video with frames but no flow is left out, counted
-        kept, missing = usable(kept, flow, min_frames - 1)  # flow has one frame fewer (spec 3.1)
-        no_flow += len(missing)
-    clips = PretrainClips(
-        kept, store, clip_len=settings["clips"]["length"], crop=settings["clips"]["crop"],
-        flow_stores=flows,
-    )  # fmt: skip
-    # excluded: failed decoding, or (u / v views) no flow
-    counts = {"listed": len(train), "used": len(kept), "excluded": len(excluded) + no_flow}
-    return clips, [manifest, store.root / "index.csv"], counts
-
-
 # ------------------------------------------------------------------------------------ outputs
 def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
     buf = _io.StringIO()
@@ -204,7 +171,7 @@ def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
 
 def _plan(settings, backbone, view, intra_negative, seed, epochs, max_steps, n) -> dict:
     """Everything that determines the result: a resume or a finished run must match it."""
-    from iicrepro.train.checkpoint import plain
+    from iicrepro.checkpoint import plain
 
     p = settings["pretrain"]
     keys = ["dataset", "split", "batch_size", "lr", "momentum", "weight_decay", "schedule",
@@ -241,11 +208,13 @@ def pretrain(
     import torch
     from tqdm import tqdm
 
+    from iicrepro import checkpoint as ck
+    from iicrepro.data.datasets import pretraining_set
+    from iicrepro.devices import configure, pin_memory
+    from iicrepro.method.memory_bank import memory_bank
     from iicrepro.models import build_backbone
-    from iicrepro.train import checkpoint as ck
+    from iicrepro.seeding import rng_state, seed_everything, set_rng_state
     from iicrepro.train import distributed as ddp
-    from iicrepro.train.devices import configure, pin_memory
-    from iicrepro.train.seeding import rng_state, seed_everything, set_rng_state
 
     p = settings["pretrain"]
     epochs = int(epochs or p["epochs"])
@@ -259,7 +228,7 @@ def pretrain(
         ck.clean_run_folder(out, last.parent)  # temporary files of a killed write
     configure(device)
     seed_everything(seed)
-    clips, inputs, counts = training_set(settings, view)
+    clips, inputs, counts = pretraining_set(settings, view)
     n, batch_size = len(clips), p["batch_size"]
     if n < batch_size:
         raise UserError(
@@ -285,7 +254,7 @@ def pretrain(
         "small_input": settings["model"]["small_input"],
     }
     model = build_backbone(backbone, **model_kwargs)
-    bank = ddp.memory_bank(
+    bank = memory_bank(
         world, n, model.out_dim, k=p["nce"]["k"], t=p["nce"]["t"], momentum=p["nce"]["momentum"],
         intra=intra_negative != "none", normalize_features=p["nce"]["normalize_features"],
     )  # fmt: skip
