@@ -11,6 +11,7 @@ import torch
 from iicrepro import cli, io, layout
 from iicrepro.checkpoint import load_checkpoint, save_checkpoint
 from iicrepro.errors import UserError
+from iicrepro.evaluate.recognition import evaluate
 from iicrepro.train.finetune import finetune, model_from_checkpoint, parameter_groups
 
 
@@ -104,6 +105,13 @@ def test_finetune_end_to_end_and_resume_equals_uninterrupted(tiny):
     )
     best = load_checkpoint(whole / "best.pt")
     assert best["epoch"] == m["best_epoch"] and best["model_kwargs"]["num_classes"] == 3
+    # `iicrepro evaluate` on best.pt is the very test fine-tuning ran.
+    evaluated = evaluate(tiny["settings"], whole / "best.pt", data.DATASET, 1, "residual",
+                         out=tiny["tmp"] / "evaluated", device="cpu")  # fmt: skip
+    assert (evaluated / "test_predictions.csv").read_text() == (
+        whole / "test_predictions.csv"
+    ).read_text()
+    assert io.read_json(evaluated / "metrics.json")["top1"] == m["top1"]
 
     # Interrupted after epoch 1, then resumed: the same run.
     split = tiny["tmp"] / "split"

@@ -22,6 +22,7 @@ STEPS: dict[str, tuple[str, str]] = {
     "pretrain": ("iicrepro.train.pretrain", "self-supervised IIC pretraining (resumable)"),
     "retrieve": ("iicrepro.evaluate.retrieval", "nearest-neighbour video retrieval top-k"),
     "finetune": ("iicrepro.train.finetune", "fine-tune for action recognition and test"),
+    "evaluate": ("iicrepro.evaluate.recognition", "test a classifier checkpoint as it is"),
     "report": ("iicrepro.report", "results table beside the paper, plots, MLflow summary"),
     "models": ("iicrepro.models", "list backbones with parameter counts"),
     "import-upstream": ("iicrepro.models.upstream", "convert an upstream IIC/VCOP checkpoint"),

@@ -134,6 +134,14 @@ def finetune_dir(settings: Any, dataset: str, split: int, run: str) -> Path:
     return _results(settings) / "finetune" / dataset / f"split{split}" / run
 
 
+def evaluate_dir(settings: Any, dataset: str, split: int, checkpoint: Path) -> Path:
+    """`iicrepro evaluate` of a classifier checkpoint: test_predictions.csv, metrics.json. Named
+    after the fine-tuning run of a best.pt, else after the checkpoint file."""
+    checkpoint = Path(checkpoint)
+    run = checkpoint.resolve().parent.name if checkpoint.name == "best.pt" else checkpoint.stem
+    return _results(settings) / "evaluate" / dataset / f"split{split}" / run
+
+
 def summary_csv(settings: Any) -> Path:
     return _results(settings) / "summary.csv"
 

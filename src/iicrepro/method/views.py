@@ -56,3 +56,20 @@ def make_view(
             raise ValueError(f"view {view!r} needs the flow clip of that component")
         return to_unit(flow)
     raise ValueError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
+
+
+def batch_input(
+    batch: dict, view: str, device, *, residual_scaled: bool, clips: bool = False
+) -> torch.Tensor:
+    """The model input of a loader batch on `device`: uint8 -> [0, 1] -> `view`. With `clips`,
+    samples hold several clips each (evaluation) and are stacked flat, video by video."""
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(0, 1) if clips else x
+        return to_unit(x.to(device, non_blocking=True))
+
+    flow = batch.get("flow")
+    return make_view(
+        unit(batch["video"]), view, flow=None if flow is None else unit(flow),
+        residual_scaled=residual_scaled,
+    )  # fmt: skip

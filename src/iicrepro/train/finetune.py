@@ -98,32 +98,19 @@ def epoch_seed(seed: int, epoch: int) -> int:
 # --------------------------------------------------------------------------- loops
 
 
-def _inputs(batch, view: str, residual_scaled: bool, device, *, clips_per_sample: bool = False):
-    """The model input of a batch (uint8 -> [0, 1] -> view); clips of a video stacked flat."""
-    from iicrepro.method.views import make_view, to_unit
-
-    def unit(x):
-        x = x.flatten(0, 1) if clips_per_sample else x
-        return to_unit(x.to(device, non_blocking=True))
-
-    flow = batch.get("flow")
-    return make_view(
-        unit(batch["video"]), view, flow=None if flow is None else unit(flow),
-        residual_scaled=residual_scaled,
-    )  # fmt: skip
-
-
 def run_epoch(model, loader, view, residual_scaled, device, optimizer=None) -> tuple[float, float]:
     """One pass; trains when `optimizer` is given. Returns (mean loss, accuracy %)."""
     import torch
     import torch.nn.functional as F
+
+    from iicrepro.method.views import batch_input
 
     model.train(optimizer is not None)
     total, loss_sum, correct = 0, 0.0, 0
     with torch.set_grad_enabled(optimizer is not None):
         for batch in loader:
             labels = torch.as_tensor(batch["label"], device=device)
-            logits = model(_inputs(batch, view, residual_scaled, device))
+            logits = model(batch_input(batch, view, device, residual_scaled=residual_scaled))
             loss = F.cross_entropy(logits, labels)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
@@ -133,21 +120,6 @@ def run_epoch(model, loader, view, residual_scaled, device, optimizer=None) -> t
             loss_sum += float(loss.detach()) * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
     return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
-
-
-def test_logits(model, loader, view, residual_scaled, device):
-    """Clip logits (V, N, C) and labels of every test video, model in eval mode."""
-    import torch
-
-    model.eval()
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in loader:
-            b, n = batch["video"].shape[:2]
-            x = _inputs(batch, view, residual_scaled, device, clips_per_sample=True)
-            logits.append(model(x).float().reshape(b, n, -1).cpu().numpy())
-            labels.append(np.asarray(batch["label"]))
-    return np.concatenate(logits), np.concatenate(labels)
 
 
 # --------------------------------------------------------------------------- the step
@@ -270,9 +242,9 @@ def finetune(
     import torch
 
     from iicrepro.checkpoint import load_checkpoint, plain
-    from iicrepro.data.datasets import evaluation_clips, finetuning_data, training_clips
+    from iicrepro.data.datasets import finetuning_data, training_clips
     from iicrepro.devices import pick_device, pin_memory
-    from iicrepro.evaluate.recognition import clip_accuracy, video_accuracy, video_predictions
+    from iicrepro.evaluate.recognition import test_videos, write_predictions
     from iicrepro.seeding import seed_everything
 
     if view not in VIEWS:
@@ -342,20 +314,16 @@ def finetune(
     # Test the best-validation model: every test video, eval_clips centre crops (spec 11).
     trainer.save_best()  # also when no epoch improved on the initial weights (non-finite losses)
     model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    test_ds = evaluation_clips(settings, data["test"], data["store"], data["flows"])
-    logits, labels = test_logits(model, loader(test_ds, False, seed), view, residual_scaled, device)
-    preds = video_predictions(logits)
-    lines = ["video,label,prediction"]
-    lines += [f"{v},{y},{p}" for v, y, p in zip(data["test"]["video"], labels, preds, strict=True)]
-    io.write_text(out / "test_predictions.csv", "\n".join(lines) + "\n")
+    result = test_videos(settings, model, data, view, device, seed=seed)
+    write_predictions(out / "test_predictions.csv", data["test"]["video"], result)
     manifest = layout.manifest(settings, dataset, split)
     metrics = {
-        "top1": video_accuracy(logits, labels), "clip_top1": clip_accuracy(logits, labels),
+        "top1": result["top1"], "clip_top1": result["clip_top1"],
         "best_epoch": trainer.best["epoch"], "best_val_loss": trainer.best["loss"],
         "epochs": f["epochs"], "backbone": backbone, "view": view, "init": init,
         "dataset": dataset, "split": split, "seed": seed, "num_classes": data["classes"],
         "residual": f["residual"],
-        "counts": {**data["counts"], "test_clips": int(logits.shape[0] * logits.shape[1])},
+        "counts": {**data["counts"], "test_clips": result["clips"]},
         "checkpoint": {"path": str(checkpoint), "sha256": sha},
         "provenance": io.provenance(settings, [checkpoint, manifest]),
     }  # fmt: skip
