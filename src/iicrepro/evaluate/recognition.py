@@ -118,16 +118,11 @@ def write_predictions(path: Path, videos, result: dict) -> None:
 def classifier_from_checkpoint(checkpoint: str | Path):
     """The classifier (backbone + head) a checkpoint holds, loaded strictly: our fine-tuning
     ``best.pt`` (head inside "model") or an `import-upstream` file (head under "head")."""
-    from iicrepro.checkpoint import FORMAT, load_checkpoint
+    from iicrepro.checkpoint import load_model_checkpoint
     from iicrepro.models import build_backbone
     from iicrepro.models.upstream import load_state_strict
 
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("format") != FORMAT or "model" not in ckpt or "backbone" not in ckpt:
-        raise UserError(
-            f"{checkpoint} is not an iicrepro checkpoint (format {ckpt.get('format')!r}); "
-            "convert upstream files with `iicrepro import-upstream`"
-        )
+    ckpt = load_model_checkpoint(checkpoint)
     kwargs = dict(ckpt.get("model_kwargs") or {})
     if not kwargs.get("num_classes"):
         raise UserError(
