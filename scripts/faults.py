@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -101,12 +102,17 @@ CASES = [
     Case(
         "hostile archive pair: link in one, escape through it in the next",
         "nothing written outside the target; the error names the member (every format, order)",
-        ["tests/test_archives.py::*two_archive*", "tests/test_archives.py::*across*"],
+        [
+            "tests/test_archives.py::test_two_archives_cannot_build_an_escape*",
+            "tests/test_archives.py::test_extract_cli_checks_all_archives_of_a_dataset_together",
+            "tests/test_archives.py::test_a_symlink_already_on_disk_is_never_written_through",
+            "tests/test_archives.py::test_nested_inner_archives_cannot_build_an_escape",
+        ],
     ),
     Case(
         "zip bomb (small archive, huge contents)",
         "refused before extraction fills the disk",
-        ["tests/test_archives.py::*bomb*"],
+        ["tests/test_archives.py::test_zip_bomb_is_refused_before_extraction"],
     ),
     Case(
         "HTTP 404 / 500 / connection refused",
@@ -131,12 +137,22 @@ CASES = [
         "HTTP resume spliced onto a changed file",
         "the resume proves the file unchanged (If-Range, Content-Range total) or restarts from "
         "zero; no spliced file is trusted",
-        ["tests/test_fetch.py::*splice*", "tests/test_fetch.py::*if_range*"],
+        [
+            "tests/test_fetch.py::test_file_changed_between_break_and_resume_is_fetched_whole*",
+            "tests/test_fetch.py::test_resume_answer_that_does_not_match_restarts_from_zero*",
+            "tests/test_fetch.py::test_server_without_validators_is_never_resumed",
+            "tests/test_fetch.py::test_file_url_resume_restarts_when_the_source_changed",
+        ],
     ),
     Case(
         "HTTP 200 carrying an HTML error page",
         "refused before its checksum is trusted; the error says which files to delete",
-        ["tests/test_fetch.py::*html*", "tests/test_fetch.py::*error_page*"],
+        [
+            "tests/test_fetch.py::test_html_page_is_refused_before_anything_is_trusted",
+            "tests/test_fetch.py::test_wrong_magic_and_far_too_small_are_refused",
+            "tests/test_fetch.py::test_a_trusted_error_page_is_replaced_by_the_genuine_file",
+            "tests/test_fetch.py::test_mismatch_against_a_recorded_sum_names_the_file_to_delete",
+        ],
     ),
     Case(
         "dead MLflow tracking server",
@@ -177,10 +193,11 @@ CASES = [
         ]
     ],
     Case(
-        "full disk: fetch and extract",
-        "refused up front when the size is known; a disk filling mid-write is one UserError and "
-        "keeps the partial download for resuming",
+        "full disk (small tmpfs): fetch and extract",
+        "refused up front when the size is known, with one error (no list of other sources); a "
+        "disk filling mid-write is one error and keeps the partial download for resuming",
         [
+            "tests/test_disk_full.py::test_fetch_and_extract",
             "tests/test_fetch.py::test_not_enough_space_is_refused_before_downloading",
             "tests/test_fetch.py::test_disk_full_while_writing_is_a_user_error",
             "tests/test_archives.py::test_contents_larger_than_the_free_space_are_refused",
@@ -236,8 +253,12 @@ def _first_error_line(text: str) -> str:
     return text.strip().splitlines()[-1] if text.strip() else "failed"
 
 
+BASETEMP: list[str] = []  # the session's pytest --basetemp, shortened to $TMP in the table
+
+
 def _tidy(text: str, limit: int = 600) -> str:
-    text = re.sub(r"/tmp/[\w./-]*?pytest[\w-]*/(?:pytest-\d+/)?", "$TMP/", text)
+    for base in BASETEMP:
+        text = text.replace(base.rstrip("/") + "/", "$TMP/")
     text = re.sub(r"\s+", " ", text).replace("|", "\\|").strip()
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -294,9 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     collector = Collector(cases)
     files = sorted({p.split("::")[0] for c in cases for p in c.patterns})
     os.chdir(ROOT)
+    extra = list(args.pytest_args)
+    if not any(a.startswith("--basetemp") for a in extra):
+        # its own folder: other pytest sessions prune the shared /tmp/pytest-of-USER folders
+        extra.append(f"--basetemp={tempfile.mkdtemp(prefix='iicrepro-faults-')}")
+    BASETEMP[:] = [a.split("=", 1)[1] for a in extra if a.startswith("--basetemp=")]
     start = time.time()
     pytest.main(
-        [*files, "-q", "-p", "no:cacheprovider", "--no-header", "-rN", *args.pytest_args],
+        [*files, "-q", "-p", "no:cacheprovider", "--no-header", "-rN", *extra],
         plugins=[collector],
     )
     minutes = (time.time() - start) / 60
