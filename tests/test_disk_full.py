@@ -185,6 +185,21 @@ def test_pretrain(tmp_path, capsys, tiny):
         rc, err, _ = run(capsys, *argv)
         assert rc == 0 and (run_dir / "checkpoint.pt").is_file(), err
 
+        # Room for the resume state but not for the final checkpoint beside it: the run's
+        # metrics.json, written just before, must go too (no record of a run without its model).
+        size = {n: (run_dir / n).stat().st_size for n in ("checkpoint.pt", "init.pt")}
+        for name in ("checkpoint.pt", "metrics.json", "metrics.csv"):
+            (run_dir / name).unlink()
+        # last.pt = the checkpoint's model and banks + SGD momentum (at most one model) + RNG
+        last = size["checkpoint.pt"] + size["init.pt"] + (64 << 10)
+        filler = fill(mnt, leave=last + size["checkpoint.pt"] // 2)
+        rc, err, _ = run(capsys, *argv)
+        assert_one_clear_error(rc, err, mnt)
+        assert f"writing {run_dir / 'checkpoint.pt'}" in err
+        assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "metrics.json").exists()
+        filler.unlink()
+        assert run(capsys, *argv)[0] == 0 and (run_dir / "metrics.json").is_file()
+
 
 def test_retrieve(tmp_path, capsys, tiny):
     mnt = tmp_path / "mnt"

@@ -356,12 +356,16 @@ def pretrain(
     io.write_json(out / "metrics.json", summary)
     bank_config = {k: getattr(bank, k) for k in ("n", "dim", "k", "t", "momentum", "intra",
                                                   "normalize_features")}  # fmt: skip
-    ck.save_checkpoint(final, ck.backbone_state(
-        model, backbone, model_kwargs,
-        bank={k: v.cpu() for k, v in bank.state_dict().items()}, bank_config=bank_config,
-        view=view, intra_negative=intra_negative, seed=seed, epoch=len(rows), plan=plan,
-        settings=ck.plain(settings), provenance=prov,
-    ))  # fmt: skip
+    try:
+        ck.save_checkpoint(final, ck.backbone_state(
+            model, backbone, model_kwargs,
+            bank={k: v.cpu() for k, v in bank.state_dict().items()}, bank_config=bank_config,
+            view=view, intra_negative=intra_negative, seed=seed, epoch=len(rows), plan=plan,
+            settings=ck.plain(settings), provenance=prov,
+        ))  # fmt: skip
+    except BaseException:  # e.g. a full disk: no record of a run whose model was not written
+        (out / "metrics.json").unlink(missing_ok=True)
+        raise
     if world.main:  # a finished run's resume state is spent; a rerun with new settings starts anew
         last.unlink(missing_ok=True)
     track.log_best_effort("pretrain", settings, out)
