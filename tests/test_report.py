@@ -242,3 +242,24 @@ def test_lookup_maps_the_papers_vocabulary():
     assert p.value == 34.3
     assert paper.lookup("ucf101", "retrieval", "r3d", "v", "repeat", "top1", "joint") is None
     assert paper.lookup("ucf101", "finetune", "r3d", "v", "shuffle", "top1", split="1") is None
+
+
+def test_summary_md_lists_the_videos_each_step_left_out(results):
+    md = track_off_build(results)["md"].read_text()
+    assert "## Videos left out" in md and "* none: every listed video was used" in md
+    path = layout.retrieval_dir(results, "ucf101", "r3d-residual-repeat-s632") / "metrics.json"
+    data = io.read_json(path)
+    kept = {"listed": 6, "used": 6, "excluded_videos": [], "excluded_by_reason": {}}
+    data["counts"] = {
+        "gallery": {"listed": 100, "used": 98, "excluded_by_reason": {"corrupt": 1, "too_short": 1},
+                    "excluded_videos": ["A/v_a.avi", "B/v_b.avi"]},
+        "query": kept,
+    }  # fmt: skip
+    io.write_json(path, data)
+    md = track_off_build(results)["md"].read_text()
+    section = md[md.index("## Videos left out") :]
+    assert (
+        "| retrieval | ucf101 | train | 1 | 100 | 98 | 1 corrupt, 1 too_short | "
+        "`A/v_a.avi`, `B/v_b.avi` |" in section
+    )
+    assert "| retrieval | ucf101 | test |" not in section  # nothing left out there

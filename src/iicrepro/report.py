@@ -445,6 +445,60 @@ def _pretrain_table(runs: dict) -> str:
     return _md_table(header, rows)
 
 
+def _video_counts(path: Path, data: dict) -> list[tuple[str, str, dict]]:
+    """(protocol, subset, counts) of the usable-video counts a metrics.json records."""
+    counts = data.get("counts") or {}
+    if "videos" in data:  # pretraining: its training subset
+        return [("pretrain", "train", data["videos"])]
+    if "gallery" in counts:  # retrieval: gallery = train, queries = test
+        return [("retrieval", "train", counts["gallery"]), ("retrieval", "test", counts["query"])]
+    if "train_list" in counts:
+        return [
+            ("finetune", "train", counts["train_list"]),
+            ("finetune", "test", counts["test_list"]),
+        ]
+    return []
+
+
+def _exclusions(sources: list) -> str:
+    """Every video a step left out (data.datasets: not decoded, too short, no flow), by step,
+    dataset and subset; runs that left out the same videos share a row."""
+    groups: dict[tuple, dict] = {}
+    for src in sources:
+        path = Path(src["path"])
+        if path.suffix != ".json" or not path.is_file():
+            continue
+        data = io.read_json(path)
+        dataset = (
+            path.parent.parent.parent if src["kind"] == "finetune" else path.parent.parent
+        ).name
+        for protocol, subset, c in _video_counts(path, data):
+            videos = tuple(c.get("excluded_videos") or ())
+            reasons = c.get("excluded_by_reason") or {}
+            key = (protocol, dataset, subset, videos, tuple(sorted(reasons.items())))
+            g = groups.setdefault(
+                key, {"runs": 0, "listed": c.get("listed"), "used": c.get("used")}
+            )
+            g["runs"] += 1
+    rows = []
+    for (protocol, dataset, subset, videos, reasons), g in sorted(groups.items()):
+        if not videos:
+            continue
+        why = ", ".join(f"{n} {r}" for r, n in reasons) or str(len(videos))
+        shown = ", ".join(f"`{v}`" for v in videos[:10]) + (" …" if len(videos) > 10 else "")
+        rows.append([protocol, dataset, subset, str(g["runs"]), _fmt(g["listed"], 0),
+                     _fmt(g["used"], 0), why, shown])  # fmt: skip
+    intro = (
+        "Videos a step could not use (frame step failures, fewer frames than one clip needs, no "
+        "flow), from each result's metrics.json; a step stops instead when more than "
+        "`data.max_excluded_fraction` of a subset is left out.\n\n"
+    )
+    if not rows:
+        return intro + "* none: every listed video was used\n"
+    header = ["step", "dataset", "subset", "runs", "listed", "used", "left out", "videos"]
+    return intro + _md_table(header, rows)
+
+
 def _missing(settings: Any, table, runs: dict) -> list[str]:
     """Results the preset's grid (iicrepro.grid, as the workflow builds it) implies but that were
     not found."""
@@ -493,6 +547,7 @@ def render_md(settings: Any, table, runs: dict, sources: list, plots: list[Path]
         parts.append(f"## {dataset}: mean ± std over seeds\n\n" + _seed_tables(table, dataset))
     if runs:
         parts.append("## Pretraining runs\n\n" + _pretrain_table(runs))
+    parts.append("## Videos left out\n\n" + _exclusions(sources))
     if plots:
         parts.append("## Plots\n\n" + "".join(f"* `plots/{p.name}`\n" for p in plots))
     missing = _missing(settings, table, runs)
