@@ -50,7 +50,6 @@ failures.csv (it refuses while a video has no result). A run without --chunk doe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -62,6 +61,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from iicrepro import steps
 from iicrepro.data.frames import (
     CODECS,
     FAILURE_COLUMNS,
@@ -126,12 +126,9 @@ class FlowConfig:
         )
 
     def fingerprint(self) -> str:
-        """Hash of the settings that change the stored files (not threads, device or batch)."""
-        d = {"tvl1": dict(sorted(self.tvl1.items())), "bound": self.bound, "codec": self.codec}
-        d |= {"reference_short_side": self.reference_short_side, "quality": self.jpeg_quality}
-        if self.engine != "opencv":  # opencv stores keep the fingerprint they were written with
-            d["engine"] = self.engine
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of the settings that change the stored files (`steps.Flow`; not threads, device
+        or batch)."""
+        return steps.Flow.of(self).fingerprint()
 
 
 def displacement_scale(height: int, width: int, reference_short_side: int | None) -> float:

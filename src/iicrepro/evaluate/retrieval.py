@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from iicrepro import io, layout, track
+from iicrepro import io, layout, steps, track
 from iicrepro.errors import UserError
 
 VIEWS = ("rgb", "residual", "u", "v")
@@ -296,7 +296,7 @@ def retrieve(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise UserError(f"checkpoint {checkpoint} not found: run `iicrepro pretrain` first")
-    r, c = settings["retrieval"], settings["clips"]
+    r = settings["retrieval"]
     out = (
         Path(out)
         if out
@@ -310,13 +310,12 @@ def retrieve(
     store = frame_store(settings, dataset)
     flows = flow_stores(settings, dataset, view)
     manifest = load_manifest(settings, dataset, r["split"])
-    base = {  # every setting that changes a feature: the cache key
+    decided = steps.Bnrecal if bn == "recalibrate" else steps.Retrieve
+    base = {  # the cache key: the model, the step's settings and the frame store's
         "checkpoint_sha256": sha, "dataset": dataset, "split": r["split"], "bn": bn,
-        "bn_recalibration": recal, "features": r["features"],
-        "conv_pool": r["conv_pool"] if r["features"] == "conv" else None,
-        "clip_len": c["length"], "crop": c["crop"], "eval_clips": c["eval_clips"],
-        "frames": {k: settings["frames"][k] for k in ("size", "codec", "jpeg_quality")},
-        "residual": "scaled",
+        "bn_recalibration": recal,
+        "settings": decided.from_settings(settings, dataset=dataset).as_dict(),
+        "frames": steps.Frames.from_settings(settings).as_dict(), "residual": "scaled",
     }  # fmt: skip
     data, counts = {}, {}
     for subset, role in (("train", "gallery"), ("test", "query")):

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from iicrepro import io, layout, track
+from iicrepro import io, layout, steps, track
 from iicrepro.checkpoint import FORMAT
 from iicrepro.errors import UserError
 
@@ -255,7 +255,7 @@ def finetune(
     if not checkpoint.is_file():
         hint = "the seed's init.pt" if init == "random" else "checkpoint.pt"
         raise UserError(f"checkpoint {checkpoint} not found: pass {hint} of `iicrepro pretrain`")
-    f, c = settings["finetune"], settings["clips"]
+    f = settings["finetune"]
     run = layout.finetune_run(checkpoint, view, seed)
     out = Path(out) if out else layout.finetune_dir(settings, dataset, split, run)
     device = pick_device(device)
@@ -277,10 +277,11 @@ def finetune(
 
     seed_everything(seed)  # the head's initial weights
     model, ckpt = model_from_checkpoint(checkpoint, data["classes"], backbone)
-    identity = {  # what a resume file must match
+    identity = {  # what a resume file must match: the run, its inputs and steps.Finetune
         "backbone": backbone, "view": view, "init": init, "checkpoint_sha256": sha,
-        "dataset": dataset, "split": split, "seed": seed, "finetune": f, "clips": c,
+        "dataset": dataset, "split": split, "seed": seed,
         "model_kwargs": ckpt.get("model_kwargs"), "train_videos": list(data["train"]["video"]),
+        **steps.Finetune.from_settings(settings, dataset=dataset).as_dict(),
     }  # fmt: skip
     trainer = Trainer(settings, out, model.to(device), ckpt, backbone, plain(identity))
     trainer.resume()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io as _io
 import logging
 import math
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iicrepro import io, layout, track
+from iicrepro import io, layout, steps, track
 from iicrepro.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -170,24 +171,13 @@ def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _plan(settings, backbone, view, intra_negative, seed, epochs, max_steps, n) -> dict:
-    """Everything that determines the result: a resume or a finished run must match it."""
-    from iicrepro.checkpoint import plain
-
-    p = settings["pretrain"]
-    keys = ["dataset", "split", "batch_size", "lr", "momentum", "weight_decay", "schedule",
-            "milestones", "gamma", "amp", "nce"]  # fmt: skip
-    return plain({
+    """Everything that determines the result (`steps.Pretrain` and the run's identity): a resume
+    or a finished run must match it."""
+    decided = dataclasses.replace(steps.Pretrain.from_settings(settings), epochs=epochs)
+    return {
         "backbone": backbone, "view": view, "intra_negative": intra_negative, "seed": seed,
-        "epochs": epochs, "max_steps": max_steps, "videos": n,
-        "model": settings["model"], "clips": settings["clips"], **{k: p[k] for k in keys},
-    })  # fmt: skip
-
-
-def _plan_mismatch(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    return ", ".join(
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)
-    )
+        "max_steps": max_steps, "videos": n, **decided.as_dict(),
+    }  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -244,7 +234,7 @@ def pretrain(
             log.info("%s exists: nothing to do", final)
             return out
         raise UserError(
-            f"{final} was made with other settings ({_plan_mismatch(done.get('plan', {}), plan)}); "
+            f"{final} was made with other settings ({steps.differences(done.get('plan', {}), plan)}); "
             f"delete {out} or pass another --out"
         )
 
@@ -277,7 +267,7 @@ def pretrain(
         state = ck.load_checkpoint(last)
         if state.get("plan") != plan:
             raise UserError(
-                f"{last} was made with other settings ({_plan_mismatch(state.get('plan', {}), plan)}); "
+                f"{last} was made with other settings ({steps.differences(state.get('plan', {}), plan)}); "
                 f"delete it to start over, or restore the settings to resume"
             )
         model.load_state_dict(state["model"])
