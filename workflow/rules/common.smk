@@ -4,13 +4,14 @@ Paths come only from `iicrepro.layout` (and the archive names from `iicrepro.dat
 rules, the DVC stages and the Python steps spell each path once. The steps read params.yaml
 themselves; the workflow resolves the same file with the same preset to build the DAG.
 
-Rerunning: a job reruns when its settings change (each rule's `params` carry the settings sections
-its step reads), its shell command or set of inputs changes, or a job it depends on reruns. It must
-not rerun because DVC restored its files with new modification times (`dvc checkout`, `dvc pull`),
-and Snakemake 9 compares modification times whatever `--rerun-triggers` says. So large inputs
-(archives, extracted videos, model weights) are `ancient()`, and each edge between steps also
-carries a small file that Snakemake checksums (manifests, index.csv, metrics.json): with the
-`.snakemake/metadata` records that DVC versions, an identical checksum makes a newer mtime harmless.
+Rerunning: a job reruns when the settings or the code that decide its result change (each rule's
+`params`, see "rerun params" below), its shell command or set of inputs changes, or a job it
+depends on reruns. It must not rerun because DVC restored its files with new modification times
+(`dvc checkout`, `dvc pull`), and Snakemake 9 compares modification times whatever
+`--rerun-triggers` says. So large inputs (archives, extracted videos, model weights) are
+`ancient()`, and each edge between steps also carries a small file that Snakemake checksums
+(manifests, index.csv, metrics.json): with the `.snakemake/metadata` records that DVC versions, an
+identical checksum makes a newer mtime harmless.
 """
 
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from iicrepro import config as iic_config
-from iicrepro import grid, layout
+from iicrepro import grid, layout, steps
 from iicrepro.data import sources
 
 PARAMS = "params.yaml"
@@ -240,11 +241,27 @@ def init_name(wildcards):
     return layout.init_of(wildcards.neg)
 
 
-def settings_of(*sections):
-    """The resolved sections a step's results depend on: Snakemake reruns a job when they change
-    (rerun trigger `params`), since the steps read params.yaml rather than a Snakemake input.
-    """
-    return {name: SETTINGS[name] for name in sections}
+# ------------------------------------------------------------------------------ rerun params
+# A job reruns when what decides its result changes (rerun trigger `params`): its step's settings
+# (iicrepro.steps) and the fingerprint of the code its step runs (iicrepro.fingerprint, computed
+# once here). Worker, thread, tracking and checkpoint-frequency knobs are in neither.
+CODE = {rule: steps.code_fingerprint(rule) for rule in steps.STEPS}
+
+
+def result_settings(rule):
+    """A params function: the settings that decide a job's result (its dataset filled in)."""
+
+    def of(wildcards):
+        return steps.STEPS[rule].from_settings(SETTINGS, **wildcards).as_dict()
+
+    return of
+
+
+def preset_option(wildcards, output):
+    """The --preset a step reads params.yaml with. It names the settings, which `settings`
+    compares; a function of the output is a derived param, which Snakemake does not compare, so
+    switching between presets that share a job's settings reruns nothing."""
+    return PRESET
 
 
 # ------------------------------------------------------------------------------ targets

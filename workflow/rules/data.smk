@@ -11,8 +11,9 @@ rule synthesize:
         "../envs/iicrepro.yaml"
     threads: 2
     params:
-        preset=PRESET,
-        settings=settings_of("synthetic"),
+        preset=preset_option,
+        settings=result_settings("synthesize"),
+        code=CODE["synthesize"],
     shell:
         "iicrepro synthesize --params params.yaml --preset {params.preset}"
         " --workers {threads} > {log} 2>&1"
@@ -30,7 +31,7 @@ rule fetch:
         "../envs/iicrepro.yaml"
     threads: 1
     params:
-        preset=PRESET,
+        preset=preset_option,
         role=archive_role,
     shell:
         "iicrepro fetch --params params.yaml --preset {params.preset}"
@@ -51,7 +52,7 @@ rule extract:
         "../envs/iicrepro.yaml"
     threads: 1
     params:
-        preset=PRESET,
+        preset=preset_option,
     shell:
         "iicrepro extract --params params.yaml --preset {params.preset}"
         " {wildcards.dataset} > {log} 2>&1"
@@ -69,8 +70,9 @@ rule splits:
         "../envs/iicrepro.yaml"
     threads: 1
     params:
-        preset=PRESET,
-        settings=settings_of("splits"),
+        preset=preset_option,
+        settings=result_settings("splits"),
+        code=CODE["splits"],
         videos=lambda w: sources.video_root(SETTINGS, w.dataset),
     shell:
         "iicrepro splits --params params.yaml --preset {params.preset}"
@@ -90,8 +92,9 @@ rule frames:
         "../envs/iicrepro.yaml"
     threads: 2
     params:
-        preset=PRESET,
-        settings=settings_of("frames"),
+        preset=preset_option,
+        settings=result_settings("frames"),
+        code=CODE["frames"],
     shell:
         "iicrepro frames --params params.yaml --preset {params.preset}"
         " {wildcards.dataset} --workers {threads} > {log} 2>&1"
@@ -114,8 +117,9 @@ rule flow_chunk:
         "../envs/iicrepro.yaml"
     threads: SETTINGS.flow.workers
     params:
-        preset=PRESET,
-        settings=settings_of("frames", "flow"),
+        preset=preset_option,
+        settings=result_settings("flow"),
+        code=CODE["flow"],
         chunk=flow_chunk,
     shell:
         "iicrepro flow --params params.yaml --preset {params.preset}"
@@ -134,8 +138,9 @@ rule flow:
         "../envs/iicrepro.yaml"
     threads: 1
     params:
-        preset=PRESET,
-        settings=settings_of("frames", "flow"),
+        preset=preset_option,
+        settings=result_settings("flow"),
+        code=CODE["flow"],
     shell:
         "iicrepro flow --params params.yaml --preset {params.preset}"
         " {wildcards.dataset} --merge > {log} 2>&1"

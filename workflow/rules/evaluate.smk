@@ -16,8 +16,9 @@ rule retrieve:
         "../envs/iicrepro.yaml"
     threads: 4
     params:
-        preset=PRESET,
-        settings=settings_of("clips", "model", "retrieval"),
+        preset=preset_option,
+        settings=result_settings("retrieve"),
+        code=CODE["retrieve"],
         out=retrieval_dir("{dataset}", RUN),
     shell:
         "iicrepro retrieve --params params.yaml --preset {params.preset}"
@@ -42,8 +43,9 @@ rule retrieve_bnrecal:
         "../envs/iicrepro.yaml"
     threads: 4
     params:
-        preset=PRESET,
-        settings=settings_of("clips", "model", "retrieval", "pretrain"),
+        preset=preset_option,
+        settings=result_settings("retrieve_bnrecal"),
+        code=CODE["retrieve_bnrecal"],
         out=retrieval_dir("{dataset}", BNRECAL_RUN),
     shell:
         "iicrepro retrieve --params params.yaml --preset {params.preset}"
@@ -66,8 +68,9 @@ rule finetune:
         "../envs/iicrepro.yaml"
     threads: 4
     params:
-        preset=PRESET,
-        settings=settings_of("clips", "model", "finetune"),
+        preset=preset_option,
+        settings=result_settings("finetune"),
+        code=CODE["finetune"],
         init=init_name,
         out=finetune_dir("{dataset}", "{split}", RUN),
     shell:

@@ -19,8 +19,9 @@ rule pretrain:
         "../envs/iicrepro.yaml"
     threads: 4
     params:
-        preset=PRESET,
-        settings=settings_of("frames", "clips", "model", "pretrain"),
+        preset=preset_option,
+        settings=result_settings("pretrain"),
+        code=CODE["pretrain"],
     shell:
         "iicrepro pretrain --params params.yaml --preset {params.preset}"
         " --backbone {wildcards.backbone} --view {wildcards.view}"

@@ -29,7 +29,8 @@ rule report:
         "../envs/iicrepro.yaml"
     threads: 1
     params:
-        preset=PRESET,
-        settings=settings_of("pretrain", "retrieval", "finetune"),
+        preset=preset_option,
+        settings=result_settings("report"),
+        code=CODE["report"],
     shell:
         "iicrepro report --params params.yaml --preset {params.preset} > {log} 2>&1"
