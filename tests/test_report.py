@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from mlflow_server import free_port
 
-from iicrepro import cli, config, io, layout, paper, track
+from iicrepro import cli, config, grid, io, layout, paper, track
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -227,6 +227,11 @@ def test_cli_report_syncs_pending_runs_and_logs_one_summary_run(
     assert top == {"summary.csv", "summary.md", "plots"}
     assert len(client.list_artifacts(run.info.run_id, "plots")) == 4
     assert run.data.metrics["rows"] == len(pd.read_csv(layout.summary_csv(results)))
+    # the grid's size and what it misses, from the one grid definition the workflow uses too
+    md = layout.summary_md(results).read_text()
+    listed = md[md.index("## Missing") : md.index("## Sources")].count("\n* ")
+    assert run.data.metrics["expected_results"] == len(grid.expected(results))
+    assert run.data.metrics["missing_results"] == listed > 0
 
 
 def track_off_build(settings):
