@@ -12,7 +12,7 @@ import pytest
 from mlflow_server import free_port
 from project import Project
 
-from iicrepro import config, rehearsal
+from iicrepro import config, layout, rehearsal, report
 from iicrepro.data import archives, sources, splits
 from iicrepro.errors import UserError
 
@@ -80,6 +80,16 @@ def test_mirror_sums_replace_the_registry_and_keep_the_official_servers_out(tmp_
     (mirror / "SHA256SUMS").unlink()
     with pytest.raises(UserError, match="does not exist"):
         sources.archives(settings_for(tmp_path), "ucf101")
+
+
+def test_report_counts_listed_videos_absent_from_the_archives(tmp_path):
+    s = settings_for(tmp_path, f"paths.results={tmp_path}/results")
+    lists = splits.Splits(["YoYo"], {k: [] for k in splits.SPLITS})
+    splits.write_manifests(lists, layout.manifests(s, "ucf101"), ["YoYo/a.avi", "YoYo/b.avi"])
+    splits.write_manifests(lists, layout.manifests(s, "hmdb51"), [])
+    md = report.build(s, mlflow=False)["md"].read_text()
+    absent = md[md.index("## Videos absent") : md.index("## Missing")]
+    assert "* ucf101: 2 (" in absent and "* hmdb51: none" in absent
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +187,7 @@ def test_rehearsal_sub_grid_through_the_mirror(tmp_path):
     assert record["jobs"]["retrieve"] == 4 and record["jobs"]["retrieve_bnrecal"] == 2
 
     md = project.path("results/rehearsal/summary.md").read_text()
+    assert "* ucf101: 13017 (" in md and "* hmdb51: 6222 (" in md  # listed but not stood in for
     missing = md[md.index("## Missing") : md.index("## Sources")]
     assert "* nothing" in missing, missing
     # the paper's R3D rows of this setting carry our number beside the paper's

@@ -515,6 +515,19 @@ def _missing(settings: Any, table, runs: dict) -> list[str]:
     return missing
 
 
+def _absent_videos(settings: Any) -> list[str]:
+    """Per dataset of the grid: listed videos the splits step found absent (when it recorded it)."""
+    from iicrepro.data import splits
+
+    lines = []
+    for d in grid.needed_datasets(settings):
+        folder = layout.manifests(settings, d)
+        n = splits.missing_count(folder)
+        if n is not None:
+            lines.append(f"{d}: {n or 'none'}" + (f" (`{folder / splits.MISSING}`)" if n else ""))
+    return lines
+
+
 def render_md(settings: Any, table, runs: dict, sources: list, plots: list[Path]) -> str:
     now = datetime.now(UTC).isoformat(timespec="seconds")
     parts = [
@@ -550,6 +563,13 @@ def render_md(settings: Any, table, runs: dict, sources: list, plots: list[Path]
     parts.append("## Videos left out\n\n" + _exclusions(sources))
     if plots:
         parts.append("## Plots\n\n" + "".join(f"* `plots/{p.name}`\n" for p in plots))
+    absent = _absent_videos(settings)
+    if absent:
+        parts.append(
+            "## Videos absent from the archives\n\nListed in the official splits but not in the "
+            "extracted archive, so left out of the manifests (at most `splits.max_missing` of "
+            "them):\n\n" + "".join(f"* {line}\n" for line in absent)
+        )
     missing = _missing(settings, table, runs)
     parts.append(
         "## Missing\n\nExpected from the params.yaml grid of this preset but not found:\n\n"
