@@ -40,6 +40,7 @@ import io
 import json
 import os
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -336,6 +337,7 @@ def run(settings: Any, preset: str, cores: int, extra: list[str], build_s: float
             sys.stdout.flush()
             lines.append(line)
     wall = time.monotonic() - started
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)  # Snakemake and every job it waited for
     record = {
         "preset": preset,
         "command": " ".join(cmd),
@@ -344,6 +346,9 @@ def run(settings: Any, preset: str, cores: int, extra: list[str], build_s: float
         "build_s": round(build_s, 1),
         "workflow_s": round(wall, 1),
         "cores": cores,
+        # CPU seconds of the workflow, whatever else the machine ran: wall time on idle cores is
+        # about cpu_s / cores
+        "cpu_s": round(used.ru_utime + used.ru_stime, 1),
         "cpu_count": os.cpu_count(),
         "load_avg_end": [round(x, 2) for x in os.getloadavg()],
         "jobs": job_counts("".join(lines)),
