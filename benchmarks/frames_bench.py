@@ -21,6 +21,7 @@ import av
 import numpy as np
 
 from iicrepro.data.frames import FrameStore, build_store, video_key
+from iicrepro.data.videos import write_video
 
 SIZE = (128, 171)
 
@@ -33,27 +34,22 @@ def photo() -> np.ndarray:
         return np.asarray(Image.open(f).convert("RGB"))
 
 
-def write_videos(root: Path, n: int, frames: int, seed: int = 0) -> list[str]:
+def write_videos(root: Path, n: int, n_frames: int, seed: int = 0) -> list[str]:
     """Each video: a 320x240 window panning across the photo at its own speed, light noise."""
     img, rng, names = photo(), np.random.default_rng(seed), []
     for i in range(n):
         name = f"Pan/v_pan_g{i:02d}.avi"
         y0, x0 = rng.integers(0, img.shape[0] - 240 - 60), rng.integers(0, img.shape[1] - 320 - 90)
         vy, vx = rng.uniform(-0.5, 0.5), rng.uniform(0.3, 0.9)
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with av.open(str(path), "w") as c:
-            s = c.add_stream("mpeg4", rate=25)
-            s.width, s.height, s.pix_fmt = 320, 240, "yuv420p"
-            s.codec_context.codec_tag, s.codec_context.gop_size = "XVID", 12
-            s.bit_rate = 1_500_000
-            for t in range(frames):
+
+        def frames(y0=y0, x0=x0, vy=vy, vx=vx):
+            for t in range(n_frames):
                 y, x = int(y0 + 30 + vy * t), int(x0 + vx * t)
                 frame = img[y : y + 240, x : x + 320].astype(np.int16)
                 frame += rng.normal(0, 2, frame.shape).astype(np.int16)
-                frame = np.clip(frame, 0, 255).astype(np.uint8)
-                c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            c.mux(s.encode())
+                yield np.clip(frame, 0, 255).astype(np.uint8)
+
+        write_video(root / name, frames(), bit_rate=1_500_000)
         names.append(name)
     return names
 

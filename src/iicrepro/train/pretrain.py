@@ -161,6 +161,34 @@ def run_epoch(
     }
 
 
+def mfu_estimate(settings: Any, backbone: str, view: str, intra_negative: str, device, world):
+    """samples/s -> MFU on a CUDA device with a known bf16 peak (the epoch line shows it), from
+    the backbone's counted FLOPs (`devices.forward_flops`); None elsewhere."""
+    import torch
+
+    from iicrepro.devices import forward_flops, forwards_per_sample, mfu, peak_bf16_tflops
+
+    if device.type != "cuda":
+        return lambda samples_per_s: None
+    peak = peak_bf16_tflops(torch.cuda.get_device_name(device))
+    c, m = settings["clips"], settings["model"]
+    clip = (c["length"], c["crop"], c["crop"])
+    flops = forward_flops(backbone, clip, m["width"], m["small_input"])
+    forwards = forwards_per_sample(view, intra_negative)
+    return lambda samples_per_s: mfu(samples_per_s / world.size, flops, peak, forwards)
+
+
+def epoch_line(run: str, row: dict, epochs: int, chance: float, utilisation) -> str:
+    """The line printed after each epoch; MFU where `utilisation` (`mfu_estimate`) knows it."""
+    line = (
+        f"pretrain {run} epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} "
+        f"(chance {chance:.2f}), positive first {row['positive_rank1']:.1%}, "
+        f"lr {row['lr']:.3g}, {row['samples_per_s']:.0f} clips/s, {row['seconds']:.1f} s"
+    )
+    u = utilisation(row["samples_per_s"])
+    return line if u is None else f"{line}, MFU {u:.1%}"
+
+
 # ------------------------------------------------------------------------------------ outputs
 def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
     buf = _io.StringIO()
@@ -293,6 +321,7 @@ def pretrain(
     step_model = torch.compile(step_model) if p["compile"] else step_model
     ctx = StepContext(step_model, bank, optimizer, device, view, intra_negative, p["amp"], world)
     model.train()
+    utilisation = mfu_estimate(settings, backbone, view, intra_negative, device, world)
     steps_left = max_steps
     for epoch in range(start, epochs):
         row = run_epoch(
@@ -302,11 +331,7 @@ def pretrain(
         rows.append(row)
         if world.main:  # only rank 0 writes and logs
             _write_metrics_csv(out / "metrics.csv", rows)
-            tqdm.write(
-                f"pretrain {out.name} epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} "
-                f"(chance {bank.chance_loss():.2f}), positive first {row['positive_rank1']:.1%}, "
-                f"lr {row['lr']:.3g}, {row['samples_per_s']:.0f} clips/s, {row['seconds']:.1f} s"
-            )
+            tqdm.write(epoch_line(out.name, row, epochs, bank.chance_loss(), utilisation))
         if steps_left is not None:
             steps_left -= row["steps"]
             if steps_left <= 0:
