@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from mlflow_server import free_port
 
-from iicrepro import cli, config, grid, io, layout, paper, track
+from iicrepro import cli, config, grid, io, layout, paper, report, track
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -268,3 +268,42 @@ def test_summary_md_lists_the_videos_each_step_left_out(results):
         "`A/v_a.avi`, `B/v_b.avi` |" in section
     )
     assert "| retrieval | ucf101 | test |" not in section  # nothing left out there
+
+
+def test_rows_made_by_older_code_are_marked_stale(results, tmp_path):
+    """A result whose recorded code fingerprint differs from the current code's is marked, with how
+    to rerun it; so is an evaluation of a pretraining run made by older code."""
+    s = results
+    current = write_retrieval(s, "synthetic", "r3d-residual-shuffle-s0", 40)
+    older = write_retrieval(s, "synthetic", "r3d-residual-shuffle-s1", 41)
+    for path, fingerprint in ((current, None), (older, "0123456789abcdef")):
+        data = json.loads(path.read_text())
+        data["provenance"] = io.provenance(s, step="retrieve")
+        assert data["provenance"]["code_fingerprint"] and data["provenance"]["libraries"]["torch"]
+        if fingerprint:
+            data["provenance"]["code_fingerprint"] = fingerprint
+        io.write_json(path, data)
+    # a fine-tuning made by the current code from a pretraining run made by older code
+    run_dir = layout.pretrain_dir(s, "r3d", "residual", "repeat", 0)
+    record = json.loads((run_dir / "metrics.json").read_text())
+    record["provenance"] = {**io.provenance(s, step="pretrain"), "code_fingerprint": "feedfeed"}
+    io.write_json(run_dir / "metrics.json", record)
+    tuned = layout.finetune_dir(s, "synthetic", 1, "r3d-residual-repeat-s0") / "metrics.json"
+    data = json.loads(tuned.read_text())
+    data["provenance"] = io.provenance(s, step="finetune")
+    data["checkpoint"] = {"path": str(run_dir / "checkpoint.pt")}
+    io.write_json(tuned, data)
+
+    out = report.build(s, mlflow=False)
+    md = Path(out["md"]).read_text()
+    table = pd.read_csv(out["csv"])
+    stale_sources = set(table.loc[table["stale"], "source"])
+    assert str(older) in stale_sources and str(tuned) in stale_sources
+    assert str(current) not in stale_sources
+    assert not table.loc[table["source"] == str(current), "stale"].any()
+    assert "r3d residual · IIC shuffle ⚠ stale" in md  # the seed-1 row of the shuffle setting
+    stale_section = md.split("## Stale results", 1)[1].split("\n## ", 1)[0]
+    assert f"`{older}`" in stale_section and f"`{tuned}`" in stale_section
+    assert f"`{current}`" not in stale_section
+    assert "snakemake --cores N" in stale_section and "snakemake --touch" in stale_section
+    assert "r3d-residual-repeat-s0 ⚠ stale" in md  # the pretraining table

@@ -253,16 +253,58 @@ def code_version() -> str:
         return __version__
 
 
-def provenance(settings: Any = None, inputs: Iterable[str | Path] = ()) -> dict:
-    """Where a result came from: settings, code version, input file hashes, time."""
+LIBRARIES = {  # what the numbers also depend on: distribution names to look each one up by
+    "torch": ("torch",),
+    "torchvision": ("torchvision",),
+    "av": ("av",),
+    "opencv": (
+        "opencv-contrib-python-headless",
+        "opencv-python-headless",
+        "opencv-contrib-python",
+        "opencv-python",
+    ),
+}
+
+
+@cache
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries that compute the numbers (None: not installed)."""
+    from importlib import metadata
+
+    found: dict[str, str | None] = {}
+    for name, dists in LIBRARIES.items():
+        found[name] = None
+        for dist in dists:
+            try:
+                found[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+def provenance(
+    settings: Any = None, inputs: Iterable[str | Path] = (), step: str | None = None
+) -> dict:
+    """Where a result came from: settings, code version, input file hashes, time; for a step
+    (`iicrepro <step>`), the fingerprint of the code it runs and the library versions."""
     hashes = {}
     for p in inputs:
         p = Path(p)
         if p.is_file():
             hashes[str(p)] = sha256_file(p)
-    return {
+    record = {
         "code_version": code_version(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": settings,
         "inputs": hashes,
     }
+    if step is not None:
+        from iicrepro import fingerprint
+
+        record |= {
+            "step": step,
+            "code_fingerprint": fingerprint.of_step(step),
+            "libraries": library_versions(),
+        }
+    return record

@@ -19,18 +19,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from iicrepro import grid, io, layout, paper, track
+from iicrepro import fingerprint, grid, io, layout, paper, track
 
 log = logging.getLogger(__name__)
 
 COLUMNS = [
     "dataset", "protocol", "backbone", "view", "intra_negative", "init", "split", "seed",
     "modality", "variant", "metric", "value", "paper_value", "delta", "paper_table",
-    "paper_method", "source",
+    "paper_method", "source", "stale",
 ]  # fmt: skip
 TOPK = ["top1", "top5", "top10", "top20", "top50"]
 INIT_ORDER = {"iic": 0, "cmc": 1, "random": 2}
 PAPER_DATASETS = {"ucf101": "UCF101", "hmdb51": "HMDB51"}
+STALE = "⚠ stale"  # the mark of a row made by older code (see _older_code)
+PROTOCOL_STEPS = {"pretrain": "pretrain", "retrieval": "retrieve", "finetune": "finetune"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +109,22 @@ def _glob(pattern: Path) -> list[Path]:
 
 def _source(path: Path, data: dict, kind: str) -> dict:
     prov = data.get("provenance") or {}
-    return {"path": str(path), "kind": kind, "code_version": prov.get("code_version", "unknown")}
+    return {"path": str(path), "kind": kind, "code_version": prov.get("code_version", "unknown"),
+            "stale": _older_code(data, kind)}  # fmt: skip
+
+
+def _older_code(data: dict, kind: str) -> bool:
+    """Whether a result was made by other code than the current: the code fingerprint its step
+    recorded differs from the current one, or, for an evaluation, that of the pretraining run
+    whose model it evaluates. (Results without a record, made before fingerprints were recorded
+    or by hand, are not judged.)"""
+    prov = data.get("provenance") or {}
+    recorded = prov.get("code_fingerprint")
+    if recorded and recorded != fingerprint.of_step(prov.get("step") or PROTOCOL_STEPS[kind]):
+        return True
+    model = (data.get("checkpoint") or {}).get("path")
+    record = Path(model).with_name("metrics.json") if model and kind != "pretrain" else None
+    return bool(record and record.is_file() and _older_code(io.read_json(record), "pretrain"))
 
 
 def _made_with(data: dict, settings: Any) -> Any:
@@ -137,6 +154,7 @@ def _retrieval_rows(settings: Any, sources: list) -> list[dict]:
         if base is None:
             continue
         sources.append(_source(path, data, "retrieval"))
+        base["stale"] = sources[-1]["stale"]
         for r in data.get("rows", []):
             rows.append({**base, "modality": r["modality"], "metric": r["metric"],
                          "value": float(r["value"])})  # fmt: skip
@@ -152,6 +170,7 @@ def _finetune_rows(settings: Any, sources: list) -> list[dict]:
         if base is None or "top1" not in data:
             continue
         sources.append(_source(path, data, "finetune"))
+        base["stale"] = sources[-1]["stale"]
         rows.append({**base, "modality": "", "metric": "top1", "value": float(data["top1"])})
     return rows
 
@@ -162,13 +181,14 @@ def _split_means(df):
 
     ft = df[(df["protocol"] == "finetune") & df["split"].isin(["1", "2", "3"])]
     keys = [c for c in COLUMNS if c not in ("split", "value", "source", "paper_value", "delta",
-                                            "paper_table", "paper_method")]  # fmt: skip
+                                            "paper_table", "paper_method", "stale")]  # fmt: skip
     means = []
     for key, group in ft.groupby(keys, dropna=False):
         if set(group["split"]) == {"1", "2", "3"}:
             row = dict(zip(keys, key, strict=True))
             row.update(split="mean", value=group["value"].mean(),
-                       source=";".join(sorted(group["source"])))  # fmt: skip
+                       source=";".join(sorted(group["source"])),
+                       stale=bool(group["stale"].any()))  # fmt: skip
             means.append(row)
     return pd.concat([df, pd.DataFrame(means)], ignore_index=True) if means else df
 
@@ -301,6 +321,11 @@ def _setting(row) -> str:
     return text + (f" · {row['variant']}" if row["variant"] else "")
 
 
+def _label(group) -> str:
+    """The setting of a group of rows, marked when older code made any of them."""
+    return _setting(group.iloc[0]) + (f" {STALE}" if group["stale"].any() else "")
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -332,7 +357,7 @@ def _paper_retrieval(table, dataset: str) -> str:
         label = f"{methods[0]} [{first['backbone']}]" if methods else "—"
         covered.add(label)
         seeds = str(g["seed"].nunique())
-        rows.append([f"{_setting(first)} ({first['modality']})", label, seeds] + cells)
+        rows.append([f"{_label(g)} ({first['modality']})", label, seeds] + cells)
     rows += _paper_only(dataset, "retrieval", covered)
     header = ["ours (feature)", "paper row", "seeds"]
     header += [f"top-{k[3:]} ours / paper (Δ)" for k in TOPK]
@@ -368,7 +393,7 @@ def _paper_recognition(table, dataset: str) -> str:
         split1_text = _mean_std(split1) + (f" (paper split 1: {_fmt(p_1.value)})" if p_1 else "")
         delta = _signed(mean.mean() - p_mean.value) if p_mean and len(mean) else "—"
         paper_mean = _fmt(p_mean.value) if p_mean else "—"
-        rows.append([_setting(first), label, split1_text, _mean_std(mean), paper_mean, delta])
+        rows.append([_label(g), label, split1_text, _mean_std(mean), paper_mean, delta])
     rows += _paper_only(dataset, "finetune", covered)
     header = ["ours", "paper row", "ours split 1", "ours 3-split mean", "paper (3-split mean)",
               "Δ (mean − paper)"]  # fmt: skip
@@ -405,7 +430,7 @@ def _seed_tables(table, dataset: str) -> str:
                             & (randoms["view"] == first["view"]) & (randoms["variant"] == v)
                             & (randoms["modality"] == first["modality"])]  # fmt: skip
                 margins.append("—" if first["init"] == "random" else _margin(top1, r))
-            rows.append([_setting(first), first["modality"], str(g["seed"].nunique())]
+            rows.append([_label(g), first["modality"], str(g["seed"].nunique())]
                         + cells + margins)  # fmt: skip
         header = ["setting", "feature", "seeds"] + [f"top-{k[3:]}" for k in TOPK]
         header += [f"top-1 margin over random init{f' ({v})' if v else ''}" for v in variants]
@@ -423,7 +448,7 @@ def _seed_tables(table, dataset: str) -> str:
                 & (randoms["split"] == first["split"])
             ]
             margin = "—" if first["init"] == "random" else _margin(g, r)
-            rows.append([_setting(first), first["split"], str(g["seed"].nunique()),
+            rows.append([_label(g), first["split"], str(g["seed"].nunique()),
                          _mean_std(g["value"]), margin])  # fmt: skip
         header = ["setting", "split", "seeds", "top-1", "margin over random init"]
         out.append(f"### Fine-tuning (video top-1)\n\n{_md_table(header, rows)}")
@@ -438,6 +463,7 @@ def _pretrain_table(runs: dict) -> str:
         loss = final.get("final_loss", last.get("loss"))
         rank1 = final.get("final_positive_rank1", last.get("positive_rank1"))
         epochs = final.get("epochs", last.get("epoch"))
+        run = f"{run} {STALE}" if final and _older_code(final, "pretrain") else run
         rows.append([dataset, run, _fmt(epochs, 0), _fmt(loss, 3), _fmt(final.get("chance_loss"), 3),
                      _fmt(rank1, 3), "yes" if final else "no (running or stopped)"])  # fmt: skip
     header = ["dataset", "run", "epochs", "final loss", "chance loss", "positive ranked 1st",
@@ -575,11 +601,26 @@ def render_md(settings: Any, table, runs: dict, sources: list, plots: list[Path]
         "## Missing\n\nExpected from the params.yaml grid of this preset but not found:\n\n"
         + ("".join(f"* {m}\n" for m in missing) if missing else "* nothing\n")
     )
+    stale = [s for s in sources if s["stale"]]
+    if stale:
+        parts.append(
+            f"## Stale results\n\n{len(stale)} result files were made by older code (rows marked "
+            f"{STALE} above): the code fingerprint their step recorded in their provenance, or that "
+            "of the pretraining run they evaluate, differs from the current code's. "
+            "`snakemake --cores N` (or `dvc repro`) reruns exactly the jobs whose code changed and "
+            "those that use their outputs; if the change is known not to affect them, "
+            '`snakemake --touch` keeps them as they are (README, "Keeping results after a neutral '
+            'code change").\n\n' + "".join(f"* `{s['path']}` ({s['kind']})\n" for s in stale)
+        )
     versions = sorted({s["code_version"] for s in sources})
     parts.append(
         "## Sources\n\nEvery number above comes from these files (code versions: "
         + (", ".join(f"`{v}`" for v in versions) or "none")
         + "):\n\n"
-        + "".join(f"* `{s['path']}` ({s['kind']}, code `{s['code_version']}`)\n" for s in sources)
+        + "".join(
+            f"* `{s['path']}` ({s['kind']}, code `{s['code_version']}`"
+            + (f", {STALE}: made by older code)\n" if s["stale"] else ")\n")
+            for s in sources
+        )
     )
     return "\n".join(parts)

@@ -183,7 +183,9 @@ def evaluate(
                    "test_clips": result["clips"]},
         "checkpoint": {"path": str(checkpoint), "sha256": io.sha256_file(checkpoint),
                        "source": ckpt.get("source")},
-        "provenance": io.provenance(settings, [checkpoint, layout.manifest(settings, dataset, split)]),
+        "provenance": io.provenance(
+            settings, [checkpoint, layout.manifest(settings, dataset, split)], step="evaluate"
+        ),
     }  # fmt: skip
     io.write_json(out / "metrics.json", metrics)
     return out

@@ -343,7 +343,7 @@ def retrieve(
                        "model_kwargs": ckpt.get("model_kwargs")},
         "ties": "equal distances keep gallery order (stable sort)",
         "provenance": io.provenance(
-            settings, [checkpoint, layout.manifest(settings, dataset, r["split"])]
+            settings, [checkpoint, layout.manifest(settings, dataset, r["split"])], step="retrieve"
         ),
     }  # fmt: skip
     lines = ["modality,metric,k,value"]

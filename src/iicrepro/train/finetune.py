@@ -326,7 +326,7 @@ def finetune(
         "residual": f["residual"],
         "counts": {**data["counts"], "test_clips": result["clips"]},
         "checkpoint": {"path": str(checkpoint), "sha256": sha},
-        "provenance": io.provenance(settings, [checkpoint, manifest]),
+        "provenance": io.provenance(settings, [checkpoint, manifest], step="finetune"),
     }  # fmt: skip
     io.write_json(out / "metrics.json", metrics)
     trainer.last.unlink(missing_ok=True)  # spent: a rerun with new settings starts anew

@@ -279,7 +279,7 @@ def pretrain(
     loader_rng = torch.Generator().manual_seed(seed)
     init = out / "init.pt"
     if world.main and not init.is_file():
-        prov = ck.plain(io.provenance(settings, inputs))
+        prov = ck.plain(io.provenance(settings, inputs, step="pretrain"))
         ck.save_checkpoint(init, ck.backbone_state(model, backbone, model_kwargs, seed=seed,
                                                    epoch=0, provenance=prov))  # fmt: skip
     model.to(device)
@@ -350,7 +350,7 @@ def pretrain(
         world.barrier()  # returns once rank 0 has written the run's files
         return out
     chance = bank.chance_loss()
-    prov = ck.plain(io.provenance(settings, inputs))
+    prov = ck.plain(io.provenance(settings, inputs, step="pretrain"))
     seconds = [r["seconds"] for r in rows]
     summary = {
         "final_loss": rows[-1]["loss"],
