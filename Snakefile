@@ -28,6 +28,11 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# Jobs find `iicrepro` without an activated virtual environment: the bin folder of the Python that
+# runs Snakemake goes last on PATH (an activated or conda environment still comes first).
+shell.prefix(f'export PATH="$PATH:{Path(sys.executable).parent}"; ')
+
+
 wildcard_constraints:
     dataset=DATASETS,
     backbone=BACKBONES,
@@ -41,13 +46,17 @@ wildcard_constraints:
 
 onstart:
     print(f"iicrepro: preset {PRESET}, {len(pretrained_runs())} pretrained models")
+    # One MLflow parent run per workflow execution; the jobs' runs are its children.
+    track.workflow_start(SETTINGS)
 
 
 onsuccess:
+    track.workflow_end(SETTINGS, ok=True)
     print(f"iicrepro: done; results table in {layout.summary_md(SETTINGS)}")
 
 
 onerror:
+    track.workflow_end(SETTINGS, ok=False)
     print(
         "iicrepro: a step failed; its log under logs/<rule>/ says why (see the error above)"
     )

@@ -193,30 +193,32 @@ def test_cli_report_syncs_pending_runs_and_logs_one_summary_run(
 ):
     import mlflow
 
-    # A retrieval job that ran while the tracking server was down left its folder pending.
+    # A retrieval job and a report that ran while the tracking server was down are queued.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     run_dir = layout.retrieval_dir(results, "synthetic", "r3d-residual-repeat-s1")
     assert track.log_retrieval(results, run_dir) is None
-    pending = layout.mlflow_pending(results)
-    assert json.loads(pending.read_text())["run_dir"] == str(run_dir)
-
-    uri = session_mlflow_uri  # the test session's store (tables made once per session)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     argv = ["report", "--params", str(ROOT / "params.yaml"), "--preset", "proof",
             "--results", results["paths"]["results"]]  # fmt: skip
     assert cli.main(argv) == 0
-    assert cli.main(argv) == 0  # idempotent: still one summary run
-    assert pending.read_text() == ""
+    pending = [json.loads(x) for x in layout.mlflow_pending(results).read_text().splitlines()]
+    assert [e["kind"] for e in pending] == ["retrieval", "summary"]
+    assert pending[0]["record"]["run_dir"] == str(run_dir)
+
+    uri = session_mlflow_uri  # the test session's store (tables made once per session)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert cli.main(argv) == 0  # syncs both, then finds its own table already logged
+    assert cli.main(argv) == 0  # idempotent: an unchanged table is not logged again
+    assert layout.mlflow_pending(results).read_text() == ""
     mlflow.set_tracking_uri(uri)
     key = "tags.`iicrepro.key` = '{}'".format
     synced = mlflow.search_runs(
-        experiment_names=["iicrepro/retrieval/synthetic"],
+        experiment_names=["iicrepro/proof/retrieval"],
         filter_string=key("retrieval/synthetic/r3d-residual-repeat-s1"),
     )
     assert list(synced["tags.iicrepro.run_dir"]) == [str(run_dir)]
     assert synced["metrics.joint.top1"].iloc[0] == 55.0
     summaries = mlflow.search_runs(
-        experiment_names=["iicrepro-summary"],
+        experiment_names=["iicrepro/proof/summary"],
         filter_string=key("summary/proof"),
         output_format="list",
     )
@@ -224,7 +226,7 @@ def test_cli_report_syncs_pending_runs_and_logs_one_summary_run(
     client = mlflow.MlflowClient(uri)
     run = summaries[0]
     top = {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert top == {"summary.csv", "summary.md", "plots"}
+    assert top == {"summary.csv", "summary.md", "plots", "summary_table.json"}
     assert len(client.list_artifacts(run.info.run_id, "plots")) == 4
     assert run.data.metrics["rows"] == len(pd.read_csv(layout.summary_csv(results)))
     # the grid's size and what it misses, from the one grid definition the workflow uses too
@@ -232,6 +234,10 @@ def test_cli_report_syncs_pending_runs_and_logs_one_summary_run(
     listed = md[md.index("## Missing") : md.index("## Sources")].count("\n* ")
     assert run.data.metrics["expected_results"] == len(grid.expected(results))
     assert run.data.metrics["missing_results"] == listed > 0
+    # the results table is also an MLflow table, searchable in the UI
+    table = client.load_table(run.info.experiment_id, "summary_table.json", [run.info.run_id])
+    assert len(table) == len(pd.read_csv(layout.summary_csv(results)))
+    assert {"dataset", "protocol", "metric", "value", "paper_value"} <= set(table.columns)
 
 
 def track_off_build(settings):

@@ -80,7 +80,7 @@ def build(settings: Any, mlflow: bool = True) -> dict:
         }
         if with_paper.any():
             metrics["mean_abs_delta"] = float(table.loc[with_paper, "delta"].abs().mean())
-        track.log_summary(settings, artifacts, metrics)
+        track.log_summary(settings, artifacts, metrics, table=csv_path)
     return {"csv": csv_path, "md": md_path, "plots": plots}
 
 

@@ -1,28 +1,37 @@
-"""MLflow tracking: each result folder mirrored into one MLflow run, idempotently, never fatally.
+"""MLflow tracking: every execution of a step is its own run, logged live, kept, never fatal.
 
-The metric files are the source of truth (they are DVC metrics); MLflow mirrors them. Every
-``log_*`` function reads a run folder's files and brings its MLflow run up to date:
+The metric files are the source of truth (they are DVC metrics); MLflow is where runs are compared,
+so it keeps their history:
 
-* Experiment ``iicrepro/<protocol>/<dataset>`` (e.g. ``iicrepro/retrieval/ucf101``); run name = the
-  run's identity (``r3d-residual-repeat-s0``, ``.../split1`` for fine-tuning); tags backbone, view,
-  intra_negative, init, seed, dataset, split, protocol, preset, code_version; params = the resolved
-  settings the result was made with (its provenance), flattened to dotted keys.
-* Idempotent: the run is found by its identity tag ``iicrepro.key``. Metric points whose step is
-  already stored with the same value are skipped and only missing steps are logged, so a rerun or a
-  job that logs after every epoch never duplicates a point. If a stored point or param disagrees with
-  the files (the result was recomputed), the stale run is deleted and a fresh one logged, because
-  MLflow can neither edit a metric point nor change a param. Deleted runs are hidden from the UI and
-  from ``search_runs``; ``mlflow gc`` purges them.
+* A step calls `start_run` when it starts (the run appears at once, RUNNING), `Run.log_epoch` after
+  each epoch (live loss / accuracy curves) and `Run.finish` at the end, which logs the final values
+  read from the step's files, attaches the files (metrics, log) and ends the run. A rerun is a new
+  run; earlier runs are never deleted. A pretraining job that finds its finished checkpoint does
+  nothing and so creates no run (an identical rerun is not duplicated); nor does a report whose
+  table is unchanged.
+* Experiments are named by preset and protocol: ``iicrepro/<preset>/<protocol>`` (protocols
+  pretrain, retrieval, finetune, summary), never from an output folder's name.
+* Params are the run's own settings: its identity (backbone, view, intra_negative, init, seed,
+  dataset, split) and the settings that decide its result (the step passes them). Tags carry the
+  same identity for slicing, the preset, the code version, the Snakemake rule and log, and
+  ``iicrepro.key`` (protocol/dataset/run: the same model across executions).
+* Parent and children: the Snakefile's onstart calls `workflow_start`, which puts a workflow id in
+  the environment (``IICREPRO_MLFLOW_WORKFLOW``); every job's run becomes a child
+  (``mlflow.parentRunId``) of that workflow execution's parent run in its experiment, created by the
+  first child that needs it.
+* Lineage: a pretraining run tags the sha256 of its checkpoint.pt and init.pt; a retrieval or
+  fine-tuning run names the checkpoint it used (param ``checkpoint_sha256``) and the pretraining
+  run that made it (tag ``pretrain_run_id``).
+* Never fatal: a store that cannot be reached (server down, timeouts) turns the run offline; at the
+  end its description is appended to ``<results>/.mlflow-pending.jsonl`` and `sync_pending` (called
+  by ``iicrepro report``) logs it later from the files, into the same run if it was created.
 * Concurrency: with a local SQLite store, writers are serialised by a lock file beside the database
-  (this also covers the creation of a fresh database's tables), and "database is locked" errors are
-  retried with backoff. Two writers of the same identity on a server resolve to the oldest run.
-* Never fatal: when the store cannot be reached (server down, timeouts) or logging fails, the run
-  folder is appended to ``results/.mlflow-pending.jsonl`` and the call returns; `sync_pending`
-  (called by ``iicrepro report``) logs those later.
+  and "database is locked" errors are retried with backoff.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import fcntl
@@ -34,8 +43,9 @@ import random
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,25 +53,38 @@ from iicrepro import io, layout
 
 log = logging.getLogger(__name__)
 
-KEY_TAG = "iicrepro.key"
-SUMMARY_EXPERIMENT = "iicrepro-summary"
+KEY_TAG = "iicrepro.key"  # protocol/dataset/run: one model across executions
+EXECUTION_TAG = "iicrepro.execution"  # one execution of a step
+WORKFLOW_TAG = "iicrepro.workflow"  # one execution of the workflow (parent and children)
+ROLE_TAG = "iicrepro.role"  # "workflow" on parent runs
+RESULT_TAG = "iicrepro.result"  # digest of a summary table (identical reports are not duplicated)
+PARENT_TAG = "mlflow.parentRunId"
+WORKFLOW_ENV = "IICREPRO_MLFLOW_WORKFLOW"  # set by the Snakefile's onstart
+RULE_ENV, LOG_ENV = "IICREPRO_RULE", "IICREPRO_LOG"  # set by each rule's shell command
 PROBE_TIMEOUT_S = 5.0  # a tracking server that does not answer /health within this is "down"
 ATTEMPTS = 8  # tries for transient store errors ("database is locked"), exponential backoff
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+IDENTITY = ("protocol", "dataset", "split", "backbone", "view", "intra_negative", "init", "seed")
 
 
 @dataclass
 class Record:
-    """What one MLflow run should contain, read from a result folder."""
+    """What one MLflow run should contain (JSON-able, so an offline run can be queued)."""
 
+    kind: str  # pretrain | retrieval | finetune | summary
     experiment: str
-    key: str
+    execution: str
     run_name: str
+    run_dir: str
     tags: dict[str, str]
     params: dict[str, str]
-    metrics: dict[str, list[tuple[int, float]]]  # name -> [(step, value)]
-    artifacts: list[tuple[Path, str | None]] = field(default_factory=list)
-    finished: bool = True
+    run_id: str | None = None
+    workflow: dict | None = None  # {"id", "preset", "started"} of the Snakemake execution
+    lineage: dict | None = None  # {"sha256", "file"} of the checkpoint an evaluation used
+    artifacts: list[tuple[str, str | None]] = field(default_factory=list)
+    metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # summary only
+    table: str | None = None  # summary only: a CSV logged with mlflow.log_table
+    status: str = "FINISHED"
 
 
 # --------------------------------------------------------------------------- public API
@@ -74,127 +97,298 @@ def tracking_uri(settings: Any) -> str | None:
     return os.environ.get("MLFLOW_TRACKING_URI") or settings["tracking"]["mlflow_uri"]
 
 
+def experiment_name(settings: Any, protocol: str) -> str:
+    """``iicrepro/<preset>/<protocol>``: one experiment per protocol and preset."""
+    return f"iicrepro/{settings.get('preset') or 'default'}/{protocol}"
+
+
+def workflow_start(settings: Any) -> dict | None:
+    """A new workflow execution id in the environment, so the jobs Snakemake starts log their runs
+    as children of one parent run (created by the first child, in each experiment). Instant: it
+    does not contact the store."""
+    if tracking_uri(settings) is None:
+        return None
+    info = {
+        "id": uuid.uuid4().hex,
+        "preset": str(settings.get("preset", "")),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    os.environ[WORKFLOW_ENV] = json.dumps(info)
+    return info
+
+
+def workflow_end(settings: Any, ok: bool) -> None:
+    """End the workflow execution's parent runs (FINISHED or FAILED); best effort."""
+    uri, info = tracking_uri(settings), _workflow()
+    if uri is None or info is None:
+        return
+
+    def end(client, db):
+        runs = client.search_runs(
+            _experiment_ids(client), f"tags.`{WORKFLOW_TAG}` = '{info['id']}' and "
+            f"tags.`{ROLE_TAG}` = 'workflow'", max_results=100,
+        )  # fmt: skip
+        for run in runs:
+            client.set_terminated(run.info.run_id, "FINISHED" if ok else "FAILED")
+
+    with contextlib.suppress(Exception):
+        if _reachable(uri):
+            _with_store(uri, end)
+
+
+class Run:
+    """One execution of a step in MLflow. Every method is never fatal: when the store fails the
+    run goes offline and `finish` queues it for `sync_pending`."""
+
+    def __init__(self, settings: Any, uri: str | None, record: Record):
+        self.settings, self.uri, self.record = settings, uri, record
+        self.online = False
+        self.done = uri is None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.record.run_id
+
+    def _begin(self) -> None:
+        try:
+            if not _reachable(self.uri):
+                raise ConnectionError(f"tracking server {self.uri} does not answer")
+            self.record.run_id = _with_store(
+                self.uri, lambda c, db: _create(c, self.record, db, status="RUNNING")
+            )
+            self.online = True
+            _LIVE.add(self)
+        except Exception as exc:  # never fatal: logged from the files later
+            log.warning("MLflow: run of %s not started (%s); queued", self.record.run_dir,
+                        _short(exc))  # fmt: skip
+
+    def log_epoch(self, row: Mapping[str, Any], step: int | None = None) -> None:
+        """Numeric fields of one epoch's metrics row, at step `step` (default row['epoch'])."""
+        if not self.online:
+            return
+        step = int(row.get("epoch", 0) if step is None else step)
+        values = {k: float(v) for k, v in row.items() if k != "epoch" and _number(v)}
+        try:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, _finite(v), now, step) for k, v in values.items()]
+            _with_store(self.uri, lambda c, db: c.log_batch(self.record.run_id, metrics=metrics))
+        except Exception as exc:
+            log.warning("MLflow: epoch %d of %s not logged (%s); the run is logged at its end",
+                        step, self.record.run_dir, _short(exc))  # fmt: skip
+            self.online = False
+
+    def finish(
+        self,
+        *,
+        complete: bool = True,
+        files: tuple[str, ...] = ("metrics.csv", "metrics.json"),
+        checkpoint: Path | None = None,
+        init: Path | None = None,
+    ) -> str | None:
+        """Log the step's final values and files and end the run (KILLED if not `complete`).
+        A pretraining run passes its `checkpoint` and `init` files, so evaluations can name it."""
+        if self.done:
+            return self.record.run_id
+        self.done = True
+        _LIVE.discard(self)
+        rec = self.record
+        rec.status = "FINISHED" if complete else "KILLED"
+        run_dir = Path(rec.run_dir)
+        rec.artifacts = [(str(run_dir / f), None) for f in files if (run_dir / f).is_file()]
+        log_file = _log_file()
+        if log_file is not None:
+            rec.artifacts.append((str(log_file), "log"))
+        for name, path in (("checkpoint", checkpoint), ("init", init)):
+            if path is not None and Path(path).is_file():
+                rec.tags[f"{name}_sha256"] = io.sha256_file(path)
+                rec.tags[f"{name}_path"] = str(path)
+        return _deliver(self.settings, self.uri, rec, queue=True, try_store=self.online)
+
+
+def start_run(
+    settings: Any,
+    protocol: str,
+    run_dir: str | Path,
+    *,
+    name: str,
+    identity: Mapping[str, Any],
+    params: Mapping[str, Any] = (),
+    lineage: Mapping[str, str] | None = None,
+    enabled: bool = True,
+) -> Run:
+    """Create the MLflow run of one step execution now (RUNNING) and return its handle.
+
+    `identity`: dataset, split, backbone, view, intra_negative, init, seed (params and tags);
+    `params`: the settings that decide this result (nested dicts are flattened to dotted keys);
+    `lineage`: {"sha256", "file"} of the checkpoint an evaluation starts from.
+    """
+    uri = tracking_uri(settings) if enabled else None
+    record = _new_record(settings, protocol, run_dir, name, identity, params, lineage)
+    run = Run(settings, uri, record)
+    if uri is not None:
+        run._begin()
+    return run
+
+
 def log_pretrain(settings: Any, run_dir: str | Path) -> str | None:
-    """Per-epoch metrics (metrics.csv) and final values (metrics.json) of a pretraining run."""
-    return _log("pretrain", settings, Path(run_dir))
+    """Log a finished pretraining folder (metrics.csv, metrics.json) as one new run."""
+    return _log_folder("pretrain", settings, Path(run_dir))
 
 
 def log_retrieval(settings: Any, run_dir: str | Path) -> str | None:
-    """Top-k accuracies per modality (metrics.json) of a retrieval evaluation."""
-    return _log("retrieval", settings, Path(run_dir))
+    """Log a finished retrieval folder (metrics.json) as one new run."""
+    return _log_folder("retrieval", settings, Path(run_dir))
 
 
 def log_finetune(settings: Any, run_dir: str | Path) -> str | None:
-    """Test accuracy (metrics.json) and per-epoch curves (metrics.csv) of a fine-tuning run."""
-    return _log("finetune", settings, Path(run_dir))
+    """Log a finished fine-tuning folder (metrics.json, metrics.csv) as one new run."""
+    return _log_folder("finetune", settings, Path(run_dir))
 
 
 def log_summary(
-    settings: Any, artifacts: list[tuple[Path, str | None]], metrics: Mapping[str, float]
+    settings: Any,
+    artifacts: list[tuple[Path, str | None]],
+    metrics: Mapping[str, float],
+    table: Path | None = None,
 ) -> str | None:
-    """The report as one run of experiment 'iicrepro-summary' (files as artifacts)."""
+    """The report as a run of ``iicrepro/<preset>/summary``: its files as artifacts and the
+    results `table` (a CSV) also as an MLflow table (searchable in the UI). A report whose table
+    is unchanged since the last summary run is not logged again. Queued when the store is down."""
     uri = tracking_uri(settings)
     if uri is None:
         return None
     preset = str(settings.get("preset", ""))
+    digest = io.sha256_file(table) if table is not None and Path(table).is_file() else ""
+    tags = {"protocol": "summary", "preset": preset, "code_version": io.code_version(),
+            KEY_TAG: f"summary/{preset}", RESULT_TAG: digest, **_job_tags()}  # fmt: skip
     record = Record(
-        experiment=SUMMARY_EXPERIMENT,
-        key=f"summary/{preset}",
-        run_name=f"summary-{preset}",
-        tags={"preset": preset, "code_version": io.code_version(), "protocol": "summary"},
-        params=_flatten_settings(settings),
+        kind="summary", experiment=experiment_name(settings, "summary"),
+        execution=uuid.uuid4().hex, run_name=f"summary-{preset}",
+        run_dir=str(layout.summary_csv(settings).parent), tags=tags,
+        params={"preset": preset, "results": str(settings["paths"]["results"])},
+        workflow=_workflow(), artifacts=[(str(p), a) for p, a in artifacts],
         metrics={k: [(0, float(v))] for k, v in metrics.items()},
-        artifacts=list(artifacts),
-    )
-    try:
-        if not _reachable(uri):
-            raise ConnectionError(f"tracking server {uri} does not answer")
-        return _upsert_with_retries(uri, record)
-    except Exception as exc:  # never fatal: the summary files are written already
-        log.warning("MLflow: summary not logged to %s (%s)", uri, _short(exc))
-        return None
+        table=str(table) if table is not None else None,
+    )  # fmt: skip
+    return _deliver(settings, uri, record, queue=True, try_store=True)
 
 
 def sync_pending(settings: Any) -> tuple[int, int]:
-    """Log every run folder in the pending list; returns (logged, still pending)."""
+    """Log every queued run; returns (logged, still pending)."""
     path = layout.mlflow_pending(settings)
     uri = tracking_uri(settings)
     if uri is None or not path.exists():
         return 0, 0
     with _locked(path.with_name(path.name + ".lock")):
-        entries: dict[tuple[str, str], dict] = {}
+        entries: dict[str, dict] = {}
         for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, KeyError):
                 e = json.loads(line)
-                entries[(e["kind"], e["run_dir"])] = e  # the latest entry per run wins
+                # One folder holds one execution's files: the latest entry per folder wins.
+                entries[e["kind"] + ":" + e["record"]["run_dir"]] = e
         if not _reachable(uri):
             return 0, len(entries)
         left = []
         for e in entries.values():
-            if not Path(e["run_dir"]).is_dir():
-                log.warning("MLflow: pending run %s no longer exists; dropped", e["run_dir"])
+            record = Record(**e["record"])
+            if record.kind != "summary" and not Path(record.run_dir).is_dir():
+                log.warning("MLflow: pending run %s no longer exists; dropped", record.run_dir)
                 continue
-            run_settings = e.get("settings") or settings
-            if _log(e["kind"], run_settings, Path(e["run_dir"]), uri=uri, queue=False) is None:
+            if _deliver(e.get("settings") or settings, uri, record, queue=False) is None:
                 left.append(e)
         io.write_text(path, "".join(json.dumps(e, default=str) + "\n" for e in left))
     return len(entries) - len(left), len(left)
 
 
-# --------------------------------------------------------------------------- reading results
+# --------------------------------------------------------------------------- records
 
 
-def _log(
-    kind: str, settings: Any, run_dir: Path, uri: str | None = None, queue: bool = True
-) -> str | None:
-    uri = uri or tracking_uri(settings)
+def _workflow() -> dict | None:
+    with contextlib.suppress(ValueError, TypeError):
+        info = json.loads(os.environ.get(WORKFLOW_ENV, ""))
+        return info if isinstance(info, dict) and info.get("id") else None
+    return None
+
+
+def _log_file() -> Path | None:
+    """The step's log: IICREPRO_LOG (set by the workflow's rules)."""
+    path = os.environ.get(LOG_ENV)
+    return Path(path) if path and Path(path).is_file() else None
+
+
+def _job_tags() -> dict[str, str]:
+    tags = {}
+    if os.environ.get(RULE_ENV):
+        tags["snakemake.rule"] = os.environ[RULE_ENV]
+    if os.environ.get(LOG_ENV):
+        tags["snakemake.log"] = os.environ[LOG_ENV]
+        tags["snakemake.job"] = f"{os.environ.get(RULE_ENV, '')} {Path(os.environ[LOG_ENV]).stem}"
+    return tags
+
+
+def _new_record(settings, protocol, run_dir, name, identity, params, lineage) -> Record:
+    ident = {k: v for k, v in {"protocol": protocol, **dict(identity)}.items() if v is not None}
+    if "init" not in ident and ident.get("intra_negative") is not None:
+        ident["init"] = layout.init_of(str(ident["intra_negative"]))
+    ident = {k: str(v) for k, v in ident.items()}
+    split = f"/split{ident['split']}" if protocol == "finetune" and "split" in ident else ""
+    key = f"{protocol}/{ident.get('dataset', '')}{split}/{name}"
+    tags = {
+        **ident,
+        "preset": str(settings.get("preset", "")),
+        "code_version": io.code_version(),
+        "iicrepro.run_dir": str(run_dir),
+        KEY_TAG: key,
+        **_job_tags(),
+    }
+    all_params = {**{k: ident[k] for k in IDENTITY if k in ident and k != "protocol"},
+                  **_flatten(params)}  # fmt: skip
+    if lineage:
+        all_params["checkpoint_sha256"] = lineage["sha256"]
+        all_params["checkpoint_file"] = lineage.get("file", "")
+    return Record(
+        kind=protocol, experiment=experiment_name(settings, protocol),
+        execution=uuid.uuid4().hex, run_name=name, run_dir=str(run_dir), tags=tags,
+        params=all_params, workflow=_workflow(), lineage=dict(lineage) if lineage else None,
+    )  # fmt: skip
+
+
+def _log_folder(kind: str, settings: Any, run_dir: Path) -> str | None:
+    """A finished result folder as one new run, identity read from the folder and its files."""
+    uri = tracking_uri(settings)
     if uri is None:
         return None
-    try:
-        record = READERS[kind](settings, run_dir)
-    except Exception as exc:  # missing or unreadable files: nothing to log, nothing to retry
-        log.warning("MLflow: nothing to log for %s (%s)", run_dir, _short(exc))
+    if not (run_dir / "metrics.json").is_file() and not (run_dir / "metrics.csv").is_file():
+        log.warning("MLflow: nothing to log in %s", run_dir)
         return None
-    try:
-        if not _reachable(uri):
-            raise ConnectionError(f"tracking server {uri} does not answer")
-        return _upsert_with_retries(uri, record)
-    except Exception as exc:  # never fatal: the files are the source of truth
-        log.warning("MLflow: %s not logged to %s (%s)", run_dir, uri, _short(exc))
-        if queue:
-            _append_pending(settings, kind, run_dir, reason=_short(exc))
-        return None
-
-
-def _identity(protocol: str, run_dir: Path, settings: Any, prov: dict) -> tuple[dict, str, str]:
-    """Tags, identity key and run name from the folder layout (iicrepro.layout)."""
-    split = None
-    if protocol == "finetune":
-        split = int(run_dir.parent.name.removeprefix("split"))
-        dataset = run_dir.parent.parent.name
+    summary = _read_json(run_dir / "metrics.json")
+    made_with = (summary.get("provenance") or {}).get("settings") or settings
+    ident: dict[str, Any] = dict(layout.parse_run_name(run_dir.name) or {})
+    ident.pop("variant", None)
+    if kind == "finetune":
+        ident["split"] = run_dir.parent.name.removeprefix("split")
+        ident["dataset"] = summary.get("dataset") or run_dir.parent.parent.name
     else:
-        dataset = run_dir.parent.name
-    run = run_dir.name
-    parts = layout.parse_run_name(run) or {}
-    made_with = prov.get("settings") or settings
-    if split is None:
-        section = "pretrain" if protocol == "pretrain" else "retrieval"
-        split = (made_with.get(section) or {}).get("split", "")
-    tags = {
-        "protocol": protocol,
-        "dataset": dataset,
-        "split": split,
-        "preset": made_with.get("preset", ""),
-        "code_version": prov.get("code_version") or io.code_version(),
-        "iicrepro.run_dir": str(run_dir),
-        **{k: parts[k] for k in ("backbone", "view", "intra_negative", "init", "seed") if parts},
-    }
-    if parts.get("variant"):
-        tags["variant"] = parts["variant"]
-    name = run if protocol != "finetune" else f"{run}/split{split}"
-    key = f"{protocol}/{dataset}/{name}"
-    tags[KEY_TAG] = key
-    return {k: str(v) for k, v in tags.items()}, key, name
+        section = "pretrain" if kind == "pretrain" else "retrieval"
+        ident["split"] = summary.get("split") or (made_with.get(section) or {}).get("split")
+        ident["dataset"] = summary.get("dataset") or run_dir.parent.name
+    lineage = None
+    ck = summary.get("checkpoint")
+    if isinstance(ck, Mapping) and ck.get("sha256"):
+        lineage = {"sha256": ck["sha256"], "file": Path(str(ck.get("path", ""))).name}
+    name = run_dir.name if kind != "finetune" else f"{run_dir.name}/split{ident['split']}"
+    run = start_run(made_with, kind, run_dir, name=name, identity=ident, lineage=lineage)
+    return run.finish()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = io.read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -223,71 +417,48 @@ def _numeric_leaves(data: Any, prefix: str = "") -> dict[str, float]:
             if not prefix and k in NOT_METRICS:
                 continue
             out.update(_numeric_leaves(v, f"{prefix}{k}."))
-    elif isinstance(data, int | float) and not isinstance(data, bool):
+    elif _number(data):
         out[prefix.rstrip(".")] = float(data)
     return out
 
 
-def _record(protocol: str, settings: Any, run_dir: Path, summary: dict, series: dict) -> Record:
-    prov = summary.get("provenance") or {}
-    tags, key, name = _identity(protocol, run_dir, settings, prov)
-    for k in ("bn", "init"):  # result-file facts worth slicing by
-        if isinstance(summary.get(k), str):
-            tags[f"result.{k}"] = summary[k]
-    return Record(
-        experiment=f"iicrepro/{protocol}/{tags['dataset']}",
-        key=key,
-        run_name=name,
-        tags=tags,
-        params=_flatten_settings(prov.get("settings") or settings),
-        metrics=series,
-        finished=bool(summary),
-    )
+def _file_metrics(kind: str, run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Metric histories from a step's files: per-epoch curves (metrics.csv) and final values."""
+    csv_path = run_dir / "metrics.csv"
+    curves = _read_csv(csv_path) if kind in ("pretrain", "finetune") and csv_path.is_file() else {}
+    summary = _read_json(run_dir / "metrics.json")
+    finals = _numeric_leaves(summary)
+    series: dict[str, list[tuple[int, float]]] = dict(curves)
+    if kind == "pretrain":
+        series.update({f"final.{k}": [(0, v)] for k, v in finals.items()})
+    else:
+        for k, v in finals.items():
+            series[f"final.{k}" if k in curves else k] = [(0, v)]
+    for row in summary.get("rows", []) if kind == "retrieval" else []:
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            series[f"{row['modality']}.{row['metric']}"] = [(0, float(row["value"]))]
+    return series
 
 
-def _read_pretrain(settings: Any, run_dir: Path) -> Record:
-    csv_path, json_path = run_dir / "metrics.csv", run_dir / "metrics.json"
-    if not csv_path.exists() and not json_path.exists():
-        raise FileNotFoundError(f"no metrics.csv or metrics.json in {run_dir}")
-    series = _read_csv(csv_path) if csv_path.exists() else {}
-    summary = io.read_json(json_path) if json_path.exists() else {}
-    for k, v in _numeric_leaves(summary).items():
-        series[f"final.{k}"] = [(0, v)]  # final values beside the per-epoch curves
-    return _record("pretrain", settings, run_dir, summary, series)
-
-
-def _read_retrieval(settings: Any, run_dir: Path) -> Record:
-    summary = io.read_json(run_dir / "metrics.json")
-    series = {k: [(0, v)] for k, v in _numeric_leaves(summary).items()}
-    for row in summary.get("rows", []):
-        series[f"{row['modality']}.{row['metric']}"] = [(0, float(row["value"]))]
-    return _record("retrieval", settings, run_dir, summary, series)
-
-
-def _read_finetune(settings: Any, run_dir: Path) -> Record:
-    summary = io.read_json(run_dir / "metrics.json")
-    series = {k: [(0, v)] for k, v in _numeric_leaves(summary).items()}
-    if (run_dir / "metrics.csv").exists():
-        for col, points in _read_csv(run_dir / "metrics.csv").items():
-            series[f"epoch.{col}" if col in series else col] = points
-    return _record("finetune", settings, run_dir, summary, series)
-
-
-READERS = {"pretrain": _read_pretrain, "retrieval": _read_retrieval, "finetune": _read_finetune}
-
-
-def _flatten_settings(settings: Any, prefix: str = "") -> dict[str, str]:
-    """Resolved settings as dotted params; the preset table itself is left out (it is not a knob)."""
+def _flatten(values: Any, prefix: str = "") -> dict[str, str]:
+    """Nested settings as dotted params."""
     out: dict[str, str] = {}
-    for k, v in (settings or {}).items():
-        if not prefix and k == "presets":
-            continue
+    for k, v in dict(values or {}).items():
         if isinstance(v, Mapping):
-            out.update(_flatten_settings(v, f"{prefix}{k}."))
+            out.update(_flatten(v, f"{prefix}{k}."))
         else:
             text = v if isinstance(v, str) else json.dumps(v, default=str)
             out[f"{prefix}{k}"] = text[:MAX_PARAM_CHARS]
     return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _finite(x: float) -> float:
+    """What the store keeps: SQL cannot hold infinities, MLflow stores the largest finite float."""
+    return math.copysign(sys.float_info.max, x) if math.isinf(x) else x
 
 
 # --------------------------------------------------------------------------- writing to MLflow
@@ -298,10 +469,10 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
-def _reachable(uri: str) -> bool:
+def _reachable(uri: str | None) -> bool:
     """A quick /health probe for servers, so a dead server costs seconds, not MLflow's retries."""
-    if not uri.startswith(("http://", "https://")):
-        return True
+    if not uri or not uri.startswith(("http://", "https://")):
+        return bool(uri)
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S) as r:
             return r.status == 200
@@ -334,26 +505,7 @@ def _transient(exc: BaseException) -> bool:
     return any(s in text for s in ("locked", "deadlock", "busy", "operationalerror"))
 
 
-def _upsert_with_retries(uri: str, record: Record) -> str:
-    db = _sqlite_path(uri)
-    # A server already retries its HTTP requests (MLFLOW_HTTP_REQUEST_MAX_RETRIES); once is enough.
-    attempts = ATTEMPTS if db else 2
-    for attempt in range(attempts):
-        try:
-            with _store_lock(db):
-                return _upsert(_client(uri), record, db)
-        except Exception as exc:
-            if attempt == attempts - 1 or not _transient(exc):
-                raise
-            wait = min(10.0, 0.25 * 2**attempt) * (0.5 + random.random())
-            log.info("MLflow: transient error (%s); retry in %.1f s", _short(exc), wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
-def _store_lock(db: Path | None):
-    """Serialise writers of one local SQLite file (no-op for servers, which serialise themselves)."""
-    return _locked(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
+_CLIENTS: dict[str, Any] = {}
 
 
 def _client(uri: str):
@@ -361,9 +513,30 @@ def _client(uri: str):
         # Fail over to the pending list in seconds rather than after minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    from mlflow.tracking import MlflowClient
+    if uri not in _CLIENTS:
+        from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+        _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
+    return _CLIENTS[uri]
+
+
+def _with_store(uri: str, fn: Callable[[Any, Path | None], Any]) -> Any:
+    """fn(client, sqlite_path) with local writers serialised and transient errors retried."""
+    db = _sqlite_path(uri)
+    # A server already retries its HTTP requests (MLFLOW_HTTP_REQUEST_MAX_RETRIES); once is enough.
+    attempts = ATTEMPTS if db else 2
+    for attempt in range(attempts):
+        try:
+            lock = _locked(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
+            with lock:
+                return fn(_client(uri), db)
+        except Exception as exc:
+            if attempt == attempts - 1 or not _transient(exc):
+                raise
+            wait = min(10.0, 0.25 * 2**attempt) * (0.5 + random.random())
+            log.info("MLflow: transient error (%s); retry in %.1f s", _short(exc), wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def _experiment_id(client, name: str, db: Path | None) -> str:
@@ -384,92 +557,163 @@ def _experiment_id(client, name: str, db: Path | None) -> str:
     return exp.experiment_id
 
 
-def _runs_with_key(client, exp_id: str, key: str) -> list:
-    runs = client.search_runs(
-        [exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=100
-    )
-    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+def _experiment_ids(client, like: str = "iicrepro/%") -> list[str]:
+    exps = client.search_experiments(filter_string=f"name LIKE '{like}'", max_results=1000)
+    return [e.experiment_id for e in exps]
 
 
-def _stored_value(x: float) -> float:
-    """What the store keeps: SQL cannot hold infinities, MLflow stores the largest finite float."""
-    return math.copysign(sys.float_info.max, x) if math.isinf(x) else x
+def _oldest(client, exp_ids: list[str], filter_string: str):
+    runs = client.search_runs(exp_ids, filter_string=filter_string, max_results=100)
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)) if runs else None
 
 
-def _same(a: float, b: float) -> bool:
-    a, b = _stored_value(a), _stored_value(b)
-    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-
-
-def _stored_histories(client, run, record: Record) -> dict[str, dict[int, float]] | None:
-    """Stored metric histories by step, or None if they contradict the record (stale run)."""
-    if any(k not in record.metrics for k in run.data.metrics):
+def _parent_id(client, exp_id: str, workflow: dict | None) -> str | None:
+    """The workflow execution's parent run in this experiment; the first child creates it (two
+    creators racing on a server keep the older run and delete the other, still childless)."""
+    if not workflow:
         return None
-    stored = {}
-    for name, points in record.metrics.items():
-        history = {}
-        if name in run.data.metrics:
-            for m in client.get_metric_history(run.info.run_id, name):
-                if m.step in history and not _same(history[m.step], m.value):
-                    return None
-                history[m.step] = m.value
-        wanted = dict(points)
-        if any(s not in wanted or not _same(v, wanted[s]) for s, v in history.items()):
-            return None
-        stored[name] = history
-    return stored
+    where = f"tags.`{WORKFLOW_TAG}` = '{workflow['id']}' and tags.`{ROLE_TAG}` = 'workflow'"
+    found = _oldest(client, [exp_id], where)
+    if found is not None:
+        return found.info.run_id
+    tags = {WORKFLOW_TAG: workflow["id"], ROLE_TAG: "workflow",
+            "preset": str(workflow.get("preset", "")), "code_version": io.code_version()}  # fmt: skip
+    started = workflow.get("started", "")
+    mine = client.create_run(exp_id, run_name=f"workflow {started}".strip(), tags=tags)
+    winner = _oldest(client, [exp_id], where)
+    if winner.info.run_id != mine.info.run_id:
+        client.delete_run(mine.info.run_id)
+    return winner.info.run_id
 
 
-def _upsert(client, record: Record, db: Path | None) -> str:
-    from mlflow.entities import Metric, Param, RunTag
+def _pretrain_run_id(client, lineage: dict | None) -> str | None:
+    """The latest finished pretraining run whose checkpoint (or init.pt) has this sha256."""
+    if not lineage or not lineage.get("sha256"):
+        return None
+    tag = "init_sha256" if lineage.get("file") == "init.pt" else "checkpoint_sha256"
+    ids = _experiment_ids(client, "iicrepro/%/pretrain")
+    if not ids:
+        return None
+    runs = client.search_runs(
+        ids, f"tags.{tag} = '{lineage['sha256']}' and attributes.status = 'FINISHED'",
+        max_results=1, order_by=["attributes.start_time DESC"],
+    )  # fmt: skip
+    return runs[0].info.run_id if runs else None
 
-    record.tags[KEY_TAG] = record.key
+
+def _create(client, record: Record, db: Path | None, status: str) -> str:
+    """Find this execution's run (by run id or execution tag) or create it; returns its id."""
+    from mlflow.entities import Param
+
     exp_id = _experiment_id(client, record.experiment, db)
-    run, stored = None, None
-    for candidate in _runs_with_key(client, exp_id, record.key):
-        params = candidate.data.params
-        conflict = any(k in params and params[k] != v for k, v in record.params.items())
-        histories = None if conflict else _stored_histories(client, candidate, record)
-        if run is None and histories is not None:
-            run, stored = candidate, histories
-        else:  # a stale copy (recomputed result) or a duplicate from a race
-            client.delete_run(candidate.info.run_id)
-    if run is None:
-        run = client.create_run(exp_id, run_name=record.run_name, tags=record.tags)
-        winner = _runs_with_key(client, exp_id, record.key)[0]
-        if winner.info.run_id != run.info.run_id:  # another writer created it first
-            client.delete_run(run.info.run_id)
-        run = client.get_run(winner.info.run_id)
-        stored = _stored_histories(client, run, record) or {}
+    if record.run_id:
+        with contextlib.suppress(Exception):
+            client.get_run(record.run_id)
+            return record.run_id
+    found = _oldest(client, [exp_id], f"tags.`{EXECUTION_TAG}` = '{record.execution}'")
+    if found is not None:
+        return found.info.run_id
+    tags = {**record.tags, EXECUTION_TAG: record.execution}
+    if record.workflow:
+        tags[WORKFLOW_TAG] = record.workflow["id"]
+        tags[PARENT_TAG] = _parent_id(client, exp_id, record.workflow)
+    pretrain_run = _pretrain_run_id(client, record.lineage)
+    if pretrain_run:
+        tags["pretrain_run_id"] = pretrain_run
+    run = client.create_run(exp_id, run_name=record.run_name, tags=tags)
     run_id = run.info.run_id
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(name, value, now, step)
-        for name, points in record.metrics.items()
-        for step, value in points
-        if step not in stored.get(name, {})
-    ]
-    params = [Param(k, v) for k, v in record.params.items() if k not in run.data.params]
-    tags = [RunTag(k, v) for k, v in record.tags.items() if run.data.tags.get(k) != v]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i : i + 1000])
-    for i in range(0, max(len(params), len(tags)), 100):
-        client.log_batch(run_id, params=params[i : i + 100], tags=tags[i : i + 100])
-    for path, artifact_path in record.artifacts:
-        client.log_artifact(run_id, str(path), artifact_path)
-    if record.finished and run.info.status != "FINISHED":
-        client.set_terminated(run_id, "FINISHED")
+    params = [Param(k, v) for k, v in record.params.items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
+    if status != "RUNNING":
+        client.update_run(run_id, status=status)
     return run_id
 
 
-def _append_pending(settings: Any, kind: str, run_dir: Path, reason: str) -> None:
-    """One JSON line per failed run folder; appends are serialised by a lock file."""
+def _complete(client, record: Record, db: Path | None) -> str:
+    """Bring the run up to date with the files: missing metric points, tags, artifacts, status."""
+    from mlflow.entities import Metric, RunTag
+
+    record.run_id = _create(client, record, db, status="RUNNING")
+    run = client.get_run(record.run_id)
+    series = dict(record.metrics)
+    if record.kind != "summary":
+        series.update(_file_metrics(record.kind, Path(record.run_dir)))
+    now = int(time.time() * 1000)
+    metrics = []
+    for name, points in series.items():
+        stored = set()
+        if name in run.data.metrics:
+            stored = {m.step for m in client.get_metric_history(record.run_id, name)}
+        metrics += [Metric(name, _finite(v), now, s) for s, v in points if s not in stored]
+    tags = dict(record.tags)
+    if "pretrain_run_id" not in run.data.tags:
+        found = _pretrain_run_id(client, record.lineage)
+        if found:
+            tags["pretrain_run_id"] = found
+    new_tags = [RunTag(k, str(v)) for k, v in tags.items() if run.data.tags.get(k) != str(v)]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(record.run_id, metrics=metrics[i : i + 1000])
+    for i in range(0, len(new_tags), 100):
+        client.log_batch(record.run_id, tags=new_tags[i : i + 100])
+    for path, artifact_path in record.artifacts:
+        if Path(path).is_file():
+            client.log_artifact(record.run_id, path, artifact_path)
+    if record.table and Path(record.table).is_file():
+        import pandas as pd
+
+        client.log_table(record.run_id, pd.read_csv(record.table), "summary_table.json")
+    client.set_terminated(record.run_id, record.status)
+    return record.run_id
+
+
+def _same_summary(client, record: Record, db: Path | None) -> str | None:
+    """An earlier finished summary run of this preset with the same table digest."""
+    digest = record.tags.get(RESULT_TAG)
+    if record.kind != "summary" or not digest:
+        return None
+    exp = client.get_experiment_by_name(record.experiment)
+    if exp is None:
+        return None
+    found = _oldest(
+        client, [exp.experiment_id],
+        f"tags.`{RESULT_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+    )  # fmt: skip
+    return found.info.run_id if found else None
+
+
+def _deliver(
+    settings: Any, uri: str | None, record: Record, *, queue: bool, try_store: bool = True
+) -> str | None:
+    """Complete the run in the store; on failure (and if `queue`) append it to the pending list."""
+    if uri is None:
+        return None
+    reason = "the store failed during the run"
+    if try_store or record.run_id is None:
+        try:
+            if not _reachable(uri):
+                raise ConnectionError(f"tracking server {uri} does not answer")
+
+            def deliver(client, db):
+                return _same_summary(client, record, db) or _complete(client, record, db)
+
+            return _with_store(uri, deliver)
+        except Exception as exc:  # never fatal: the files are the source of truth
+            reason = _short(exc)
+            log.warning("MLflow: %s not logged to %s (%s)", record.run_dir, uri, reason)
+    if queue:
+        _append_pending(settings, record, reason)
+    return None
+
+
+def _append_pending(settings: Any, record: Record, reason: str) -> None:
+    """One JSON line per queued run; appends are serialised by a lock file."""
     path = layout.mlflow_pending(settings)
     entry = {
-        "kind": kind,
-        "run_dir": str(run_dir),
+        "kind": record.kind,
         "reason": reason,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "record": asdict(record),
         "settings": settings,
     }
     try:
@@ -477,15 +721,17 @@ def _append_pending(settings: Any, kind: str, run_dir: Path, reason: str) -> Non
             f.write(json.dumps(entry, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        print(f"MLflow: {record.run_dir} queued in {path} ({reason}); `iicrepro report` logs it")
     except OSError as exc:
-        log.warning("MLflow: could not record %s as pending (%s)", run_dir, _short(exc))
+        log.warning("MLflow: could not queue %s (%s)", record.run_dir, _short(exc))
 
 
-def log_best_effort(protocol: str, settings: Any, run_dir: Path) -> None:
-    """Mirror one finished run's metric files to MLflow; any failure only warns (the files are
-    the source of truth, and a tracking problem must never fail a pipeline job)."""
-    loggers = {"pretrain": log_pretrain, "retrieval": log_retrieval, "finetune": log_finetune}
-    try:
-        loggers[protocol](settings, run_dir)
-    except Exception as exc:  # noqa: BLE001
-        print(f"warning: MLflow logging of {run_dir} skipped ({type(exc).__name__}: {exc})")
+_LIVE: set[Run] = set()
+
+
+@atexit.register
+def _end_unfinished() -> None:
+    """A step that exits without finishing its run (an exception) marks the run FAILED."""
+    for run in list(_LIVE):
+        with contextlib.suppress(Exception):
+            _with_store(run.uri, lambda c, db, r=run: c.set_terminated(r.run_id, "FAILED"))

@@ -15,12 +15,13 @@ identical checksum makes a newer mtime harmless.
 """
 
 import re
+import sys
 from pathlib import Path
 
 import yaml
 
 from iicrepro import config as iic_config
-from iicrepro import grid, layout, steps
+from iicrepro import grid, layout, steps, track
 from iicrepro.data import sources
 
 PARAMS = "params.yaml"
@@ -75,6 +76,10 @@ FLOW_VIEWS = ("u", "v")
 # layout.run_name as a wildcard pattern
 RUN = layout.run_name("{backbone}", "{view}", "{neg}", "{seed}")
 BNRECAL_RUN = f"{RUN}-bnrecal"  # random init, BatchNorm statistics recalibrated
+
+
+# Prefix of every rule's shell command: the step's MLflow run records its rule and log file.
+JOB = f"{track.RULE_ENV}={{rule}} {track.LOG_ENV}={{log}} "
 
 
 def log_file(step, *parts):

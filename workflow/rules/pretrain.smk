@@ -23,6 +23,6 @@ rule pretrain:
         settings=result_settings("pretrain"),
         code=CODE["pretrain"],
     shell:
-        "iicrepro pretrain --params params.yaml --preset {params.preset}"
+        JOB + "iicrepro pretrain --params params.yaml --preset {params.preset}"
         " --backbone {wildcards.backbone} --view {wildcards.view}"
         " --intra-negative {wildcards.neg} --seed {wildcards.seed} > {log} 2>&1"

@@ -33,4 +33,4 @@ rule report:
         settings=result_settings("report"),
         code=CODE["report"],
     shell:
-        "iicrepro report --params params.yaml --preset {params.preset} > {log} 2>&1"
+        JOB + "iicrepro report --params params.yaml --preset {params.preset} > {log} 2>&1"

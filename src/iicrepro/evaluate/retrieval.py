@@ -317,6 +317,13 @@ def retrieve(
         "settings": decided.from_settings(settings, dataset=dataset).as_dict(),
         "frames": steps.Frames.from_settings(settings).as_dict(), "residual": "scaled",
     }  # fmt: skip
+    name = layout.retrieval_run(checkpoint, bn)
+    ident = {**(layout.parse_run_name(name) or {}), "dataset": dataset, "split": r["split"],
+             "view": view, "variant": None}  # fmt: skip
+    run = track.start_run(
+        settings, "retrieval", out, name=name, identity=ident, params={**base, "topk": r["topk"]},
+        lineage={"sha256": sha, "file": checkpoint.name},
+    )  # fmt: skip
     data, counts = {}, {}
     for subset, role in (("train", "gallery"), ("test", "query")):
         kept, counts[role] = usable_subset(
@@ -350,7 +357,7 @@ def retrieve(
     lines += [f"{x['modality']},{x['metric']},{x['metric'][3:]},{x['value']:.4f}" for x in rows]
     io.write_text(out / "topk.csv", "\n".join(lines) + "\n")
     io.write_json(out / "metrics.json", result)
-    track.log_best_effort("retrieval", settings, out)
+    run.finish(files=("metrics.json", "topk.csv"))
     return out
 
 

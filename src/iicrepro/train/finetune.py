@@ -285,6 +285,13 @@ def finetune(
     }  # fmt: skip
     trainer = Trainer(settings, out, model.to(device), ckpt, backbone, plain(identity))
     trainer.resume()
+    ident = {**(layout.parse_run_name(run) or {}), "dataset": dataset, "split": split,
+             "view": view, "init": init, "seed": seed, "variant": None}  # fmt: skip
+    tracked = track.start_run(
+        settings, "finetune", out, name=f"{run}/split{split}", identity=ident,
+        params={"finetune": f, "clips": c, "model": ckpt.get("model_kwargs")},
+        lineage={"sha256": sha, "file": checkpoint.name},
+    )  # fmt: skip
 
     ran = 0
     while trainer.epoch < f["epochs"] and (stop_after is None or ran < stop_after):
@@ -302,6 +309,7 @@ def finetune(
             else (row["train_loss"], row["train_acc"])
         )
         trainer.end_epoch(row)
+        tracked.log_epoch(row)
         if (
             trainer.epoch % f["checkpoint_every"] == 0
             or trainer.epoch == f["epochs"]
@@ -310,6 +318,7 @@ def finetune(
             trainer.checkpoint()
     if trainer.epoch < f["epochs"]:
         print(f"stopped after epoch {trainer.epoch} of {f['epochs']}; rerun to continue")
+        tracked.finish(complete=False)
         return out
 
     # Test the best-validation model: every test video, eval_clips centre crops (spec 11).
@@ -330,7 +339,7 @@ def finetune(
     }  # fmt: skip
     io.write_json(out / "metrics.json", metrics)
     trainer.last.unlink(missing_ok=True)  # spent: a rerun with new settings starts anew
-    track.log_best_effort("finetune", settings, out)
+    tracked.finish(files=("metrics.csv", "metrics.json", "test_predictions.csv"))
     return out
 
 

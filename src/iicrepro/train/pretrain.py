@@ -322,6 +322,10 @@ def pretrain(
     ctx = StepContext(step_model, bank, optimizer, device, view, intra_negative, p["amp"], world)
     model.train()
     utilisation = mfu_estimate(settings, backbone, view, intra_negative, device, world)
+    ident = {"dataset": p["dataset"], "split": p["split"], "backbone": backbone, "view": view,
+             "intra_negative": intra_negative, "seed": seed}  # fmt: skip
+    run = track.start_run(settings, "pretrain", out, name=layout.run_name(backbone, view,
+                          intra_negative, seed), identity=ident, params=plan, enabled=world.main)  # fmt: skip
     steps_left = max_steps
     for epoch in range(start, epochs):
         row = run_epoch(
@@ -331,6 +335,7 @@ def pretrain(
         rows.append(row)
         if world.main:  # only rank 0 writes and logs
             _write_metrics_csv(out / "metrics.csv", rows)
+            run.log_epoch(row)
             tqdm.write(epoch_line(out.name, row, epochs, bank.chance_loss(), utilisation))
         if steps_left is not None:
             steps_left -= row["steps"]
@@ -383,7 +388,7 @@ def pretrain(
         raise
     if world.main:  # a finished run's resume state is spent; a rerun with new settings starts anew
         last.unlink(missing_ok=True)
-    track.log_best_effort("pretrain", settings, out)
+    run.finish(checkpoint=final, init=init)
     world.barrier()
     return out
 
