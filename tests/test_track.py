@@ -140,7 +140,7 @@ def test_server_down_queues_the_run_then_sync_logs_it(tmp_path, monkeypatch, ser
     [found] = keyed(uri, "iicrepro/demo/pretrain", "pretrain/synthetic/r3d-residual-repeat-s0")
     assert found.info.status == "FINISHED"
     assert_mirrors(uri, found.info.run_id, rows)
-    assert found.data.metrics["final.chance_loss"] == 12.48
+    assert found.data.metrics["chance_loss"] == 12.48
     assert found.data.params["nce.k"] == "64" and found.data.params["backbone"] == "r3d"
 
 
@@ -315,15 +315,17 @@ def test_finetune_run_is_named_by_model_and_split(tmp_path, store):
     (run_dir / "metrics.csv").write_text(
         "epoch,train_loss,val_loss,top1\n1,3.9,inf,5.0\n2,3.5,3.6,9.5\n"
     )
-    io.write_json(run_dir / "metrics.json", {"top1": 23.4, "clip_top1": 20.1, "best_epoch": 2})
+    io.write_json(run_dir / "metrics.json", {"top1": 23.4, "clip_top1": 20.1, "best_epoch": 2,
+                                             "counts": {"test": 30}})  # fmt: skip
     run_id = track.log_finetune(settings, run_dir)
     run = client_for(uri).get_run(run_id)
     assert run.info.run_name == "r3d-v-random-s632/split2"
     assert run.data.params["split"] == "2" and run.data.params["init"] == "random"
     assert run.data.tags["protocol"] == "finetune" and run.data.tags["dataset"] == "hmdb51"
-    assert run.data.metrics["final.top1"] == 23.4 and run.data.metrics["best_epoch"] == 2
+    assert run.data.metrics["top1"] == 23.4 and run.data.metrics["best_epoch"] == 2
+    assert "counts.test" not in run.data.metrics  # counts stay in the metrics.json artifact
     assert history(uri, run_id, "val_loss") == [(1, sys.float_info.max), (2, 3.6)]
-    assert history(uri, run_id, "top1") == [(1, 5.0), (2, 9.5)]  # per epoch; the test: final.
+    assert history(uri, run_id, "epoch.top1") == [(1, 5.0), (2, 9.5)]  # per epoch, not the test
     exp = client_for(uri).get_experiment(run.info.experiment_id)
     assert exp.name == "iicrepro/demo/finetune"
 
@@ -486,7 +488,7 @@ def test_a_workflow_execution_is_a_parent_run_with_a_child_run_per_job(tmp_path,
         assert run.info.status == "FINISHED"
         assert "log" in {f.path for f in c.list_artifacts(run.info.run_id)}
     assert all(r.data.tags["pretrain_run_id"] == pre.info.run_id for r in evaluations)
-    [summary] = runs_of(uri, "iicrepro/demo/summary")
+    [summary] = runs_of(uri, "iicrepro/demo/summary", "tags.protocol = 'summary'")
     assert "summary_table.json" in {f.path for f in c.list_artifacts(summary.info.run_id)}
     parents = runs_of(uri, "iicrepro/demo/retrieval", "tags.`iicrepro.role` = 'workflow'")
     assert len(parents) == 1

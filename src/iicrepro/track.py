@@ -405,21 +405,13 @@ def _read_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-# metrics.json entries that are identity, inputs or settings rather than results.
-NOT_METRICS = {"provenance", "rows", "checkpoint", "bn_recalibration", "seed", "split"}
-
-
-def _numeric_leaves(data: Any, prefix: str = "") -> dict[str, float]:
-    """Dotted numeric leaves of a metrics.json (results only, no booleans)."""
-    out: dict[str, float] = {}
-    if isinstance(data, Mapping):
-        for k, v in data.items():
-            if not prefix and k in NOT_METRICS:
-                continue
-            out.update(_numeric_leaves(v, f"{prefix}{k}."))
-    elif _number(data):
-        out[prefix.rstrip(".")] = float(data)
-    return out
+# Final values worth a chart, by step kind; the rest of metrics.json (counts, timings, inputs) is in
+# the run's metrics.json artifact, so the UI's charts and compare page open on results.
+FINALS = {
+    "pretrain": ("chance_loss", "final_loss", "final_positive_rank1"),
+    "finetune": ("top1", "clip_top1", "best_epoch", "best_val_loss"),
+    "retrieval": (),
+}
 
 
 def _file_metrics(kind: str, run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -427,13 +419,9 @@ def _file_metrics(kind: str, run_dir: Path) -> dict[str, list[tuple[int, float]]
     csv_path = run_dir / "metrics.csv"
     curves = _read_csv(csv_path) if kind in ("pretrain", "finetune") and csv_path.is_file() else {}
     summary = _read_json(run_dir / "metrics.json")
-    finals = _numeric_leaves(summary)
-    series: dict[str, list[tuple[int, float]]] = dict(curves)
-    if kind == "pretrain":
-        series.update({f"final.{k}": [(0, v)] for k, v in finals.items()})
-    else:
-        for k, v in finals.items():
-            series[f"final.{k}" if k in curves else k] = [(0, v)]
+    finals = {k: summary[k] for k in FINALS.get(kind, ()) if _number(summary.get(k))}
+    series = {f"epoch.{k}" if k in finals else k: v for k, v in curves.items()}
+    series.update({k: [(0, float(v))] for k, v in finals.items()})
     for row in summary.get("rows", []) if kind == "retrieval" else []:
         with contextlib.suppress(KeyError, TypeError, ValueError):
             series[f"{row['modality']}.{row['metric']}"] = [(0, float(row["value"]))]
@@ -539,6 +527,54 @@ def _with_store(uri: str, fn: Callable[[Any, Path | None], Any]) -> Any:
     raise AssertionError("unreachable")
 
 
+# Each experiment opens on a saved view (the UI's "shared view state": an experiment tag read when
+# the URL has ?viewStateShareKey=compare) and describes it on top of its page.
+VIEW_KEY = "compare"
+IDENTITY_COLUMNS = ("dataset", "backbone", "view", "intra_negative", "init", "seed")
+VIEWS = {
+    "pretrain": (("loss", "chance_loss", "positive_rank1"), "loss", True),
+    "retrieval": (("joint.top1", "joint.top5", "rgb.top1", "residual.top1"), "joint.top1", False),
+    "finetune": (("top1", "clip_top1", "val_acc"), "top1", False),
+}
+GUIDE = {
+    "pretrain": "Pretraining runs, one per execution (children of a `workflow` run). Chart view: "
+    "`loss` per epoch against `chance_loss`. Search e.g. `params.view = 'residual' and "
+    "params.intra_negative = 'repeat'`.",
+    "retrieval": "Retrieval top-k (%) of each model; `tags.pretrain_run_id` names its pretraining "
+    "run. Search e.g. `params.init = 'iic'` or `params.intra_negative = 'shuffle' and "
+    "metrics.`joint.top1` > 50`; tick runs and Compare.",
+    "finetune": "Fine-tuning: `metrics.top1` is the video-level test accuracy, `val_loss` / "
+    "`val_acc` the per-epoch curves. Search e.g. `params.init = 'random'`, `params.split = '1'`.",
+    "summary": "One run per report: the results table as `summary_table.json` (an MLflow table), "
+    "summary.md and the plots.",
+}
+
+
+def _view_state(protocol: str) -> str | None:
+    """The saved view: identity params and headline metrics as columns, sorted by the headline."""
+    if protocol not in VIEWS:
+        return None
+    metrics, order, ascending = VIEWS[protocol]
+    return json.dumps({
+        "searchFilter": "",
+        "orderByKey": f"metrics.`{order}`",
+        "orderByAsc": ascending,
+        "selectedColumns": [f"params.`{p}`" for p in IDENTITY_COLUMNS]
+        + [f"metrics.`{m}`" for m in metrics],
+    })  # fmt: skip
+
+
+def _describe(client, exp_id: str, protocol: str) -> None:
+    view = _view_state(protocol)
+    note = GUIDE.get(protocol, "")
+    if view:
+        client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", view)
+        link = f"#/experiments/{exp_id}?viewStateShareKey={VIEW_KEY}"
+        note = f"**[Open the comparison view]({link})** (runs table, headline columns). {note}"
+    if note:
+        client.set_experiment_tag(exp_id, "mlflow.note.content", note)
+
+
 def _experiment_id(client, name: str, db: Path | None) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -547,7 +583,9 @@ def _experiment_id(client, name: str, db: Path | None) -> str:
         # Artifacts of a local store live beside its database, not in the caller's cwd.
         where = str(db.resolve().parent / "mlartifacts" / name) if db else None
         try:
-            return client.create_experiment(name, artifact_location=where)
+            exp_id = client.create_experiment(name, artifact_location=where)
+            _describe(client, exp_id, name.rsplit("/", 1)[-1])
+            return exp_id
         except MlflowException:  # created concurrently by another job
             exp = client.get_experiment_by_name(name)
             if exp is None:
