@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import json
 import logging
@@ -225,7 +226,11 @@ def start_run(
     `lineage`: {"sha256", "file"} of the checkpoint an evaluation starts from.
     """
     uri = tracking_uri(settings) if enabled else None
-    record = _new_record(settings, protocol, run_dir, name, identity, params, lineage)
+    try:
+        record = _new_record(settings, protocol, run_dir, name, identity, params, lineage)
+    except Exception as exc:  # never fatal: a run without a record logs nothing
+        log.warning("MLflow: run of %s not tracked (%s)", run_dir, _short(exc))
+        uri, record = None, Record(protocol, "", "", name, str(run_dir), {}, {})
     run = Run(settings, uri, record)
     if uri is not None:
         run._begin()
@@ -429,9 +434,13 @@ def _file_metrics(kind: str, run_dir: Path) -> dict[str, list[tuple[int, float]]
 
 
 def _flatten(values: Any, prefix: str = "") -> dict[str, str]:
-    """Nested settings as dotted params."""
+    """Nested settings (mappings or dataclasses) as dotted params."""
+    if dataclasses.is_dataclass(values) and not isinstance(values, type):
+        values = dataclasses.asdict(values)
     out: dict[str, str] = {}
     for k, v in dict(values or {}).items():
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = dataclasses.asdict(v)
         if isinstance(v, Mapping):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
