@@ -289,7 +289,7 @@ def finetune(
              "view": view, "init": init, "seed": seed, "variant": None}  # fmt: skip
     tracked = track.start_run(
         settings, "finetune", out, name=f"{run}/split{split}", identity=ident,
-        params={"finetune": f, "clips": c, "model": ckpt.get("model_kwargs")},
+        params=steps.Finetune.from_settings(settings, dataset=dataset).as_dict(),
         lineage={"sha256": sha, "file": checkpoint.name},
     )  # fmt: skip
 
