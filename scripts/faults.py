@@ -18,6 +18,7 @@ import argparse
 import fnmatch
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,9 @@ class Case:
     expected: str
     patterns: list[str]  # fnmatch patterns of pytest node ids (file::test[param])
     slow: bool = False
-    results: list[tuple[str, str, str, str]] = field(default_factory=list)  # id, outcome, why, seen
+    results: list[tuple[str, str, str, list[str]]] = field(
+        default_factory=list
+    )  # id, outcome, why, seen
 
 
 CASES = [
@@ -222,7 +225,7 @@ class Collector:
 
     def __init__(self, cases: list[Case]):
         self.cases = cases
-        self.outcomes: dict[str, tuple[str, str, str]] = {}
+        self.outcomes: dict[str, tuple[str, str, list[str]]] = {}
 
     def _cases_of(self, nodeid: str) -> list[Case]:
         return [c for c in self.cases if any(fnmatch.fnmatchcase(nodeid, p) for p in c.patterns)]
@@ -233,7 +236,7 @@ class Collector:
         items[:] = keep
 
     def pytest_runtest_logreport(self, report):
-        seen = "; ".join(str(v) for k, v in report.user_properties if k == "observed")
+        seen = [str(v) for k, v in report.user_properties if k == "observed"]
         if report.when == "call" or report.outcome != "passed":
             old = self.outcomes.get(report.nodeid)
             if old and old[0] != "passed":  # keep the first failure (e.g. call before teardown)
@@ -279,9 +282,8 @@ def observed(case: Case) -> str:
         parts.append(f"as expected ({len(passed)} of {len(case.results)} tests pass)")
         if skipped:
             parts.append(f"{len(skipped)} skipped: {_tidy(skipped[0][2], 200)}")
-    seen = [r[3] for r in case.results if r[3]]
-    if seen:
-        parts.append("observed: " + _tidy(seen[0]))
+    seen = [text for r in case.results for text in r[3]]
+    parts += [f"observed: {_tidy(text, 450)}" for text in seen[:2]]
     return "<br>".join(parts)
 
 
@@ -315,10 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     collector = Collector(cases)
     files = sorted({p.split("::")[0] for c in cases for p in c.patterns})
     os.chdir(ROOT)
-    extra = list(args.pytest_args)
+    extra, own = list(args.pytest_args), None
     if not any(a.startswith("--basetemp") for a in extra):
         # its own folder: other pytest sessions prune the shared /tmp/pytest-of-USER folders
-        extra.append(f"--basetemp={tempfile.mkdtemp(prefix='iicrepro-faults-')}")
+        own = tempfile.mkdtemp(prefix="iicrepro-faults-")
+        extra.append(f"--basetemp={own}")
     BASETEMP[:] = [a.split("=", 1)[1] for a in extra if a.startswith("--basetemp=")]
     start = time.time()
     pytest.main(
@@ -326,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         plugins=[collector],
     )
     minutes = (time.time() - start) / 60
+    if own:
+        shutil.rmtree(own, ignore_errors=True)
     for case in cases:
         case.results = [
             (nodeid, *outcome)
