@@ -85,6 +85,18 @@ def test_flow_bench_video_matches_opencv_and_the_true_motion():
     assert abs(err_torch - err_cv) <= 0.1 * err_cv, (err_torch, err_cv)
 
 
+def test_reference_file_of_the_gpu_check_holds_opencvs_flow():
+    """The GPU machine has no OpenCV: it scores the torch engine against this file's flow."""
+    fb = flow_bench()
+    frames, gt, mask, ref = fb.load_reference(fb.REFERENCE)
+    assert frames.shape[1:] == fb.SIZE and len(ref) == len(gt) == len(mask) == len(frames) - 1
+    got = tvl1.video_flow(frames[:2])
+    assert epe(got, ref[:1], mask[:1]) <= LEVEL
+    assert abs(epe(got, gt[:1], mask[:1]) - epe(ref[:1], gt[:1], mask[:1])) <= 0.1 * epe(
+        ref[:1], gt[:1], mask[:1]
+    )
+
+
 def test_textured_square_matches_opencv_and_the_true_motion():
     shifts = [0, 2, 3, 5]
     frames = square_video(shifts, seed=3)
