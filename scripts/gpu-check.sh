@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
 # GPU check of iicrepro on one CUDA device, in under 8 minutes on an H100/H200:
+#   0. the levers not yet measured, first: the torch TV-L1 engine (flow frames/s at 128x171 per
+#      batch size, EPE against OpenCV's flow and the true motion; benchmarks/flow_bench.py, with
+#      OpenCV's flow from benchmarks/data/flow-reference.npz where cv2 is missing); several
+#      pretraining runs sharing the GPU (R3D, batch 16, bf16: 1, 2 and 4 processes, aggregate
+#      samples/s; iicrepro.bench_share); torch.compile of R3D (bench --compile);
 #   1. per backbone (c3d, r3d, r21d, r3d18): bf16 vs fp32 loss on the same batch, training
 #      samples/s and MFU at batch 16, with channels-last 3D, and at the largest batch that fits
 #      (doubling until out of memory);
@@ -7,11 +12,13 @@
 #      retrieval feature extraction;
 #   3. the DDP path: `iicrepro pretrain` under torchrun, one process, nccl, on the demo data
 #      made by the real steps (synthesize, fetch, extract, splits, frames).
-# Every part runs under its own time limit; a failed part is reported and the others go on.
+# Every part runs under its own time limit; a failed part is reported and the others go on;
+# a part that no longer fits in BUDGET is skipped and listed as such.
 #
 # Usage (from the repository root):
 #   scripts/gpu-check.sh               # the GPU check; results in $OUT (default ./results)
-#   scripts/gpu-check.sh --cpu-smoke   # the same parts, tiny, on the CPU (a minute or two)
+#   scripts/gpu-check.sh --cpu-smoke   # the same parts, tiny, on the CPU (a few minutes)
+#   BUDGET=3000 TIME_SCALE=6 scripts/gpu-check.sh --cpu-smoke   # ... on a heavily shared CPU
 # Writes $OUT/bench-gpu.json (summary + every part's measurements) and $OUT/gpu-check/ (logs).
 # Needs python3 with torch; PyAV and jsonschema come from .whl/*.whl when not importable
 # (installed with pip --target into /tmp/site). MLflow is never used (tracking.enabled=false).
@@ -33,6 +40,7 @@ rm -rf "$DIR"
 mkdir -p "$DIR"
 PY="${PYTHON:-python3}"
 BUDGET="${BUDGET:-470}" # seconds for the whole script; each part gets at most what is left
+TIME_SCALE="${TIME_SCALE:-1}" # multiplies each part's limit, e.g. for --cpu-smoke on a busy machine
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 START=$SECONDS
@@ -43,7 +51,7 @@ log() { echo "== gpu-check [$((SECONDS - START)) s] $*"; }
 # part NAME LIMIT_S CMD...: run CMD under a time limit (capped by what is left of BUDGET),
 # teeing its output to $DIR/NAME.log; a failure or timeout is recorded, the script goes on.
 part() {
-  local name=$1 limit=$2 rc=0
+  local name=$1 limit=$(($2 * TIME_SCALE)) rc=0
   shift 2
   local left=$((BUDGET - (SECONDS - START) - 15))
   ((limit > left)) && limit=$left
@@ -100,13 +108,31 @@ if ((SMOKE)); then
   LOADER=(--quick --videos 2 --frames 20 --workers 1 --loader-batches 2 --loader-batch-size 2)
   DDP=(--max-steps 2)
   LIMITS=(60 120 240)
+  FLOW=(--device cpu --threads 1 --pairs 2 --reference benchmarks/data/flow-reference.npz)
+  SHARE=(--device cpu --backbone r3d --batch-size 2 --amp none --width 0.25 --clip 4 32 32
+    --bank 16 --k 4 --warmup 1 --threads 1 --seconds 2 --processes 1 2)
+  COMPILE=()
+  FLOW_LIMIT=120 SHARE_LIMIT=180
 else
   DEVICE=cuda
   BACKBONES=(c3d r3d r21d r3d18)
-  TRAIN=(--amp bf16 --batch-size 16 --channels-last --max-batch --max-batch-seconds 25)
+  TRAIN=(--amp bf16 --batch-size 16 --channels-last --max-batch --max-batch-seconds 15)
   LOADER=(--workers 16 --loader-batches 100)
   DDP=(--epochs 2 --set pretrain.amp=bf16 --set pretrain.workers=4)
-  LIMITS=(75 150 120)
+  LIMITS=(65 150 120)
+  FLOW=(--device cuda --threads 1 --batches 64 256 1024 --seconds 4)
+  SHARE=(--device cuda --backbone r3d --batch-size 16 --amp bf16 --channels-last --seconds 10
+    --processes 1 2 4)
+  COMPILE=(--amp bf16 --batch-size 16 --channels-last --compile --steps 20)
+  FLOW_LIMIT=90 SHARE_LIMIT=150
+fi
+
+# ---------------------------------------------- 0. flow engine, runs sharing the GPU, compile
+part flow "$FLOW_LIMIT" "$PY" benchmarks/flow_bench.py --engines "${FLOW[@]}" --json "$DIR/flow.json"
+part share "$SHARE_LIMIT" "$PY" -m iicrepro.bench_share "${SHARE[@]}" --out "$DIR/share.json"
+if ((${#COMPILE[@]})); then # torch.compile needs minutes on the CPU: GPU only
+  part compile-r3d 120 "$PY" -m iicrepro.cli bench "${SETS[@]}" --device "$DEVICE" \
+    --parts train --backbones r3d "${COMPILE[@]}" --out "$DIR/compile-r3d.json"
 fi
 
 # ------------------------------------------------------- 1. amp agreement, train samples/s, MFU
@@ -169,6 +195,26 @@ for name, r in parts.items():
             "max_batch_stopped_by": (t.get("max_batch") or {}).get("stopped_by"),
             "amp": r.get("amp_agreement", {}).get(b), "error": t.get("error"),
         }
+def train_of(part, b):
+    return (parts.get(part) or {}).get("train", {}).get(b, {})
+
+
+plain, comp = train_of("train-r3d", "r3d"), train_of("compile-r3d", "r3d")
+if comp:
+    speed = comp.get("train_samples_per_s")
+    cl = (comp.get("channels_last") or {}).get("train_samples_per_s")
+    summary["compile_r3d"] = {
+        "samples_per_s_b16": speed, "samples_per_s_b16_channels_last": cl,
+        "speedup": speed / plain["train_samples_per_s"] if speed and plain.get("train_samples_per_s") else None,
+        "error": comp.get("error"),
+    }
+flow = parts.get("flow")
+summary["flow"] = flow and {k: flow.get(k) for k in (
+    "device_name", "torch_gpu_frames_per_s", "torch_gpu", "epe_torch_gpu_vs_opencv",
+    "epe_torch_gpu_vs_true", "epe_torch_vs_opencv", "epe_opencv_vs_true", "torch_cpu",
+    "gpu_hours_ucf101", "gpu_hours_hmdb51")}
+share = parts.get("share")
+summary["share"] = share and {"best": share.get("best"), "runs": share.get("runs")}
 loader = parts.get("loader", {})
 for k in ("loader_samples_per_s", "loader_flow_samples_per_s", "baseline_loader_samples_per_s",
           "loader_speedup_vs_jpeg", "retrieval_videos_per_s"):
