@@ -22,6 +22,7 @@ from iicrepro import cli
 from iicrepro.data import frames
 from iicrepro.data.frames import FrameStore, build_store, save_frames, usable, write_index
 from iicrepro.errors import UserError
+from iicrepro.io import OutOfSpace
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 SIZE = (24, 32)  # H, W of the stored frames (videos are 48 x 64)
@@ -229,3 +230,23 @@ def _die_on_three(x: int) -> int:
 def test_isolated_map_reports_the_item_that_kills_its_process():
     got = list(frames.isolated_map(_die_on_three, [1, 3, 2, 4], 2, lambda x: f"crash {x}"))
     assert sorted(got, key=str) == [10, 20, 40, "crash 3"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_stops_the_step_instead_of_failing_each_video(videos, tmp_path, workers):
+    # Without a small file system: the decode log (written by each worker before its video's
+    # file) is a link to /dev/full, so every worker hits a real ENOSPC.
+    out = tmp_path / "store"
+    build(videos, GOOD[:1], out)
+    assert (out / "index.csv").is_file()
+    (out / frames.LOG_NAME).unlink()
+    (out / frames.LOG_NAME).symlink_to("/dev/full")
+    with pytest.raises(OutOfSpace) as info:
+        build(videos, GOOD, out, workers=workers)
+    msg = str(info.value)
+    assert f"no space left on device writing {out}" in msg and "holds 1 of 2 videos" in msg
+    assert "about" in msg and "needed for the 1 videos not stored" in msg  # the mean stored size
+    assert not (out / "index.csv").exists()  # nothing lists the unstored video
+    assert not (out / "failures.csv").exists() or pd.read_csv(out / "failures.csv").empty
+    assert sorted(p.name for p in (out / "videos").rglob("*") if p.is_file()) == ["v_a1.npy"]
