@@ -4,7 +4,7 @@
 #      batch size, EPE against OpenCV's flow and the true motion; benchmarks/flow_bench.py, with
 #      OpenCV's flow from benchmarks/data/flow-reference.npz where cv2 is missing); several
 #      pretraining runs sharing the GPU (R3D, batch 16, bf16: 1, 2 and 4 processes, aggregate
-#      samples/s; iicrepro.bench_share); torch.compile of R3D (bench --compile);
+#      samples/s; iicrepro.bench.share); torch.compile of R3D (bench --compile);
 #   1. per backbone (c3d, r3d, r21d, r3d18): bf16 vs fp32 loss on the same batch, training
 #      samples/s and MFU at batch 16, with channels-last 3D, and at the largest batch that fits
 #      (doubling until out of memory);
@@ -129,7 +129,7 @@ fi
 
 # ---------------------------------------------- 0. flow engine, runs sharing the GPU, compile
 part flow "$FLOW_LIMIT" "$PY" benchmarks/flow_bench.py --engines "${FLOW[@]}" --json "$DIR/flow.json"
-part share "$SHARE_LIMIT" "$PY" -m iicrepro.bench_share "${SHARE[@]}" --out "$DIR/share.json"
+part share "$SHARE_LIMIT" "$PY" -m iicrepro.bench.share "${SHARE[@]}" --out "$DIR/share.json"
 if ((${#COMPILE[@]})); then # torch.compile needs minutes on the CPU: GPU only
   part compile-r3d 120 "$PY" -m iicrepro.cli bench "${SETS[@]}" --device "$DEVICE" \
     --parts train --backbones r3d "${COMPILE[@]}" --out "$DIR/compile-r3d.json"

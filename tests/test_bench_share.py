@@ -1,4 +1,4 @@
-"""Runs sharing one device (`iicrepro.bench_share`): N real training processes start together
+"""Runs sharing one device (`iicrepro.bench.share`): N real training processes start together
 and their samples/s add up; a failing run is reported, not hung on."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from iicrepro import bench_share
+from iicrepro.bench import share as bench_share
 
 TINY = ["--device", "cpu", "--backbone", "r3d", "--batch-size", "2", "--amp", "none"]
 TINY += ["--width", "0.25", "--clip", "4", "32", "32", "--bank", "16", "--k", "4"]

@@ -7,7 +7,7 @@ the real `train_step` on one batch kept on the device (as `iicrepro bench --part
 their warm-up they start together (a barrier) and step for `--seconds`. The figure is the sum of
 their samples/s, beside N = 1. Usage:
 
-    python -m iicrepro.bench_share --device cuda --backbone r3d --batch-size 16 --amp bf16 \\
+    python -m iicrepro.bench.share --device cuda --backbone r3d --batch-size 16 --amp bf16 \\
         --processes 1 2 4 --seconds 20 --out results/share.json
 """
 
