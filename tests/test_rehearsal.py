@@ -224,3 +224,31 @@ def test_rehearsal_sub_grid_through_the_mirror(tmp_path):
     recognition = md[md.index("## UCF101 recognition") :].split("\n## ", 1)[0]
     row = next(ln for ln in recognition.splitlines() if ln.startswith("| r3d u · IIC repeat"))
     assert "IIC" in row.split("|")[2] and "—" not in row.split("|")[5]
+
+
+def test_rehearsal_is_the_paper_grid_with_only_sizes_changed():
+    paper = config.load(ROOT / "params.yaml", "paper")
+    toy = config.load(ROOT / "params.yaml", "rehearsal")
+    assert grid.expected(toy) == grid.expected(paper)  # same runs, datasets and splits
+
+    def changed(a, b, prefix=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [k for key in a for k in changed(a[key], b.get(key), f"{prefix}{key}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+
+    allowed = {
+        # sizes
+        "frames.size", "frames.codec", "frames.min_frames", "clips.length", "clips.crop",
+        "clips.eval_clips", "model.width", "pretrain.epochs", "pretrain.checkpoint_every",
+        "pretrain.workers", "pretrain.nce.k", "retrieval.batch_size", "retrieval.workers",
+        "finetune.epochs",
+        "finetune.val_size.ucf101", "finetune.val_size.hmdb51", "finetune.checkpoint_every",
+        "finetune.workers", "flow.tvl1.nscales", "flow.tvl1.warps", "flow.tvl1.inner_iterations",
+        "flow.tvl1.outer_iterations", "flow.tvl1.epsilon",
+        # where things live, the stand-ins' mirror, and MLflow off
+        "preset", "paths.data", "paths.results", "download.mirrors.ucf101",
+        "download.mirrors.hmdb51", "download.mirror_sums", "splits.max_missing",
+        "tracking.enabled",
+    }  # fmt: skip
+    diff = {k for k in changed(dict(toy), dict(paper)) if not k.startswith("presets.")}
+    assert diff <= allowed, sorted(diff - allowed)
