@@ -17,6 +17,10 @@ history) is written atomically every ``finetune.checkpoint_every`` epochs and at
 rerun continues from it. Each epoch's sampling is seeded from (seed, epoch), so a resumed run
 repeats the uninterrupted one.
 
+`finetune()` reads as its parts: `prepare` (checks, folder, usable videos), `build` (classifier,
+optimizer, scheduler, resume), `start_tracking` (MLflow), `train_epochs` and `finish` (the test of
+`evaluate.recognition`).
+
 Outputs: ``metrics.csv`` (one row per epoch), ``best.pt``, ``test_predictions.csv`` and
 ``metrics.json`` ({"top1": video accuracy %, "clip_top1", "best_epoch", counts, provenance, ...}).
 """
@@ -24,6 +28,7 @@ Outputs: ``metrics.csv`` (one row per epoch), ``best.pt``, ``test_predictions.cs
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +226,176 @@ class Trainer:
         io.write_text(self.out / "metrics.csv", "\n".join(lines) + "\n")
 
 
+@dataclass
+class Job:
+    """One fine-tuning run: its identity, folder and device, and its usable videos (`prepare`)."""
+
+    settings: Any
+    backbone: str
+    view: str
+    init: str
+    checkpoint: Path
+    dataset: str
+    split: int
+    seed: int
+    out: Path
+    device: Any
+    sha: str  # the initialising checkpoint's sha256
+    data: dict  # datasets.finetuning_data: train / val / test videos, stores, classes, counts
+    train_clips: Any = None
+    val_clips: Any = None  # None: no validation subset (the training loss stands in)
+
+    @property
+    def residual_scaled(self) -> bool:
+        return (
+            self.settings["finetune"]["residual"] == "rescaled"
+        )  # spec 3.3: unscaled since 6632296
+
+    def loader(self, clips, shuffle: bool, seed: int):
+        import torch
+
+        from iicrepro.devices import pin_memory
+
+        f = self.settings["finetune"]
+        return torch.utils.data.DataLoader(
+            clips, batch_size=f["batch_size"], shuffle=shuffle, num_workers=f["workers"],
+            generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory(self.device),
+        )  # fmt: skip
+
+
+def prepare(settings: Any, *, backbone, view, init, checkpoint, dataset, split, seed, out,
+            device) -> Job:  # fmt: skip
+    """Checked arguments, the run folder and device, the usable videos and their clip datasets."""
+    from iicrepro.data.datasets import finetuning_data, training_clips
+    from iicrepro.devices import pick_device
+
+    if view not in VIEWS:
+        raise UserError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
+    if init not in layout.INITS:
+        raise UserError(f"unknown init {init!r}; choose one of {', '.join(layout.INITS)}")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        hint = "the seed's init.pt" if init == "random" else "checkpoint.pt"
+        raise UserError(f"checkpoint {checkpoint} not found: pass {hint} of `iicrepro pretrain`")
+    run = layout.finetune_run(checkpoint, view, seed)
+    out = Path(out) if out else layout.finetune_dir(settings, dataset, split, run)
+    device = pick_device(device)
+    sha = io.sha256_file(checkpoint)
+    data = finetuning_data(settings, dataset, split, view, seed)
+    job = Job(settings, backbone, view, init, checkpoint, dataset, split, seed, out, device, sha,
+              data)  # fmt: skip
+    job.train_clips = training_clips(settings, data["train"], data["store"], data["flows"])
+    if len(data["val"]):
+        job.val_clips = training_clips(settings, data["val"], data["store"], data["flows"])
+    return job
+
+
+def build(job: Job) -> Trainer:
+    """The classifier (backbone loaded strictly, head seeded by the run's seed), its optimizer and
+    scheduler, continued from ckpt/last.pt when that holds this very run."""
+    from iicrepro.checkpoint import plain
+    from iicrepro.seeding import seed_everything
+
+    seed_everything(job.seed)  # the head's initial weights
+    model, ckpt = model_from_checkpoint(job.checkpoint, job.data["classes"], job.backbone)
+    identity = {  # what a resume file must match: the run, its inputs and steps.Finetune
+        "backbone": job.backbone, "view": job.view, "init": job.init,
+        "checkpoint_sha256": job.sha, "dataset": job.dataset, "split": job.split,
+        "seed": job.seed, "model_kwargs": ckpt.get("model_kwargs"),
+        "train_videos": list(job.data["train"]["video"]),
+        **steps.Finetune.from_settings(job.settings, dataset=job.dataset).as_dict(),
+    }  # fmt: skip
+    trainer = Trainer(
+        job.settings, job.out, model.to(job.device), ckpt, job.backbone, plain(identity)
+    )
+    trainer.resume()
+    return trainer
+
+
+def start_tracking(job: Job):
+    """The run's MLflow run (`track.start_run`): params = steps.Finetune, lineage = the
+    initialising checkpoint; it logs each epoch while the run trains."""
+    run = layout.finetune_run(job.checkpoint, job.view, job.seed)
+    ident = {**(layout.parse_run_name(run) or {}), "dataset": job.dataset, "split": job.split,
+             "view": job.view, "init": job.init, "seed": job.seed, "variant": None}  # fmt: skip
+    return track.start_run(
+        job.settings, "finetune", job.out, name=f"{run}/split{job.split}", identity=ident,
+        params=steps.Finetune.from_settings(job.settings, dataset=job.dataset).as_dict(),
+        lineage={"sha256": job.sha, "file": job.checkpoint.name},
+    )  # fmt: skip
+
+
+def train_epochs(job: Job, trainer: Trainer, tracked, stop_after: int | None) -> bool:
+    """Epochs until `finetune.epochs` (or `stop_after` more), each seeded from (seed, epoch);
+    resume state every `finetune.checkpoint_every` epochs and when stopping. True when done."""
+    from iicrepro.seeding import seed_everything
+
+    f, model, device = job.settings["finetune"], trainer.model, job.device
+    ran = 0
+    while trainer.epoch < f["epochs"] and (stop_after is None or ran < stop_after):
+        trainer.epoch += 1
+        ran += 1
+        s = epoch_seed(job.seed, trainer.epoch)
+        seed_everything(s)
+        row = {"epoch": trainer.epoch}
+        row["train_loss"], row["train_acc"] = run_epoch(
+            model, job.loader(job.train_clips, True, s), job.view, job.residual_scaled, device,
+            trainer.optimizer,
+        )  # fmt: skip
+        row["val_loss"], row["val_acc"] = (  # no validation subset: follow the training loss
+            run_epoch(
+                model,
+                job.loader(job.val_clips, False, s + 1),
+                job.view,
+                job.residual_scaled,
+                device,
+            )  # fmt: skip
+            if job.val_clips is not None
+            else (row["train_loss"], row["train_acc"])
+        )
+        trainer.end_epoch(row)
+        tracked.log_epoch(row)
+        if (
+            trainer.epoch % f["checkpoint_every"] == 0
+            or trainer.epoch == f["epochs"]
+            or ran == stop_after
+        ):
+            trainer.checkpoint()
+    if trainer.epoch < f["epochs"]:
+        print(f"stopped after epoch {trainer.epoch} of {f['epochs']}; rerun to continue")
+        tracked.finish(complete=False)
+        return False
+    return True
+
+
+def finish(job: Job, trainer: Trainer, tracked) -> Path:
+    """Test the best-validation model (every test video, eval_clips centre crops, spec 11):
+    test_predictions.csv and metrics.json; the spent resume state goes, the MLflow run ends."""
+    from iicrepro.checkpoint import load_checkpoint
+    from iicrepro.evaluate.recognition import test_videos, write_predictions
+
+    f, out, model = job.settings["finetune"], job.out, trainer.model
+    trainer.save_best()  # also when no epoch improved on the initial weights (non-finite losses)
+    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    result = test_videos(job.settings, model, job.data, job.view, job.device, seed=job.seed)
+    write_predictions(out / "test_predictions.csv", job.data["test"]["video"], result)
+    manifest = layout.manifest(job.settings, job.dataset, job.split)
+    metrics = {
+        "top1": result["top1"], "clip_top1": result["clip_top1"],
+        "best_epoch": trainer.best["epoch"], "best_val_loss": trainer.best["loss"],
+        "epochs": f["epochs"], "backbone": job.backbone, "view": job.view, "init": job.init,
+        "dataset": job.dataset, "split": job.split, "seed": job.seed,
+        "num_classes": job.data["classes"], "residual": f["residual"],
+        "counts": {**job.data["counts"], "test_clips": result["clips"]},
+        "checkpoint": {"path": str(job.checkpoint), "sha256": job.sha},
+        "provenance": io.provenance(job.settings, [job.checkpoint, manifest], step="finetune"),
+    }  # fmt: skip
+    io.write_json(out / "metrics.json", metrics)
+    trainer.last.unlink(missing_ok=True)  # spent: a rerun with new settings starts anew
+    tracked.finish(files=("metrics.csv", "metrics.json", "test_predictions.csv"))
+    return out
+
+
 def finetune(
     settings: Any,
     *,
@@ -239,108 +414,15 @@ def finetune(
 
     `stop_after` ends this call after that many epochs (checkpointed), for time-limited jobs.
     """
-    import torch
-
-    from iicrepro.checkpoint import load_checkpoint, plain
-    from iicrepro.data.datasets import finetuning_data, training_clips
-    from iicrepro.devices import pick_device, pin_memory
-    from iicrepro.evaluate.recognition import test_videos, write_predictions
-    from iicrepro.seeding import seed_everything
-
-    if view not in VIEWS:
-        raise UserError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
-    if init not in layout.INITS:
-        raise UserError(f"unknown init {init!r}; choose one of {', '.join(layout.INITS)}")
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        hint = "the seed's init.pt" if init == "random" else "checkpoint.pt"
-        raise UserError(f"checkpoint {checkpoint} not found: pass {hint} of `iicrepro pretrain`")
-    f = settings["finetune"]
-    run = layout.finetune_run(checkpoint, view, seed)
-    out = Path(out) if out else layout.finetune_dir(settings, dataset, split, run)
-    device = pick_device(device)
-    residual_scaled = f["residual"] == "rescaled"  # spec 3.3: unscaled since upstream 6632296
-    sha = io.sha256_file(checkpoint)
-    data = finetuning_data(settings, dataset, split, view, seed)
-    train_ds = training_clips(settings, data["train"], data["store"], data["flows"])
-    val_ds = (
-        training_clips(settings, data["val"], data["store"], data["flows"])
-        if len(data["val"])
-        else None
-    )
-
-    def loader(ds, shuffle: bool, g_seed: int):
-        return torch.utils.data.DataLoader(
-            ds, batch_size=f["batch_size"], shuffle=shuffle, num_workers=f["workers"],
-            generator=torch.Generator().manual_seed(g_seed), pin_memory=pin_memory(device),
-        )  # fmt: skip
-
-    seed_everything(seed)  # the head's initial weights
-    model, ckpt = model_from_checkpoint(checkpoint, data["classes"], backbone)
-    identity = {  # what a resume file must match: the run, its inputs and steps.Finetune
-        "backbone": backbone, "view": view, "init": init, "checkpoint_sha256": sha,
-        "dataset": dataset, "split": split, "seed": seed,
-        "model_kwargs": ckpt.get("model_kwargs"), "train_videos": list(data["train"]["video"]),
-        **steps.Finetune.from_settings(settings, dataset=dataset).as_dict(),
-    }  # fmt: skip
-    trainer = Trainer(settings, out, model.to(device), ckpt, backbone, plain(identity))
-    trainer.resume()
-    ident = {**(layout.parse_run_name(run) or {}), "dataset": dataset, "split": split,
-             "view": view, "init": init, "seed": seed, "variant": None}  # fmt: skip
-    tracked = track.start_run(
-        settings, "finetune", out, name=f"{run}/split{split}", identity=ident,
-        params=steps.Finetune.from_settings(settings, dataset=dataset).as_dict(),
-        lineage={"sha256": sha, "file": checkpoint.name},
+    job = prepare(
+        settings, backbone=backbone, view=view, init=init, checkpoint=checkpoint,
+        dataset=dataset, split=split, seed=seed, out=out, device=device,
     )  # fmt: skip
-
-    ran = 0
-    while trainer.epoch < f["epochs"] and (stop_after is None or ran < stop_after):
-        trainer.epoch += 1
-        ran += 1
-        s = epoch_seed(seed, trainer.epoch)
-        seed_everything(s)
-        row = {"epoch": trainer.epoch}
-        row["train_loss"], row["train_acc"] = run_epoch(
-            model, loader(train_ds, True, s), view, residual_scaled, device, trainer.optimizer
-        )
-        row["val_loss"], row["val_acc"] = (  # no validation subset: follow the training loss
-            run_epoch(model, loader(val_ds, False, s + 1), view, residual_scaled, device)
-            if val_ds is not None
-            else (row["train_loss"], row["train_acc"])
-        )
-        trainer.end_epoch(row)
-        tracked.log_epoch(row)
-        if (
-            trainer.epoch % f["checkpoint_every"] == 0
-            or trainer.epoch == f["epochs"]
-            or ran == stop_after
-        ):
-            trainer.checkpoint()
-    if trainer.epoch < f["epochs"]:
-        print(f"stopped after epoch {trainer.epoch} of {f['epochs']}; rerun to continue")
-        tracked.finish(complete=False)
-        return out
-
-    # Test the best-validation model: every test video, eval_clips centre crops (spec 11).
-    trainer.save_best()  # also when no epoch improved on the initial weights (non-finite losses)
-    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    result = test_videos(settings, model, data, view, device, seed=seed)
-    write_predictions(out / "test_predictions.csv", data["test"]["video"], result)
-    manifest = layout.manifest(settings, dataset, split)
-    metrics = {
-        "top1": result["top1"], "clip_top1": result["clip_top1"],
-        "best_epoch": trainer.best["epoch"], "best_val_loss": trainer.best["loss"],
-        "epochs": f["epochs"], "backbone": backbone, "view": view, "init": init,
-        "dataset": dataset, "split": split, "seed": seed, "num_classes": data["classes"],
-        "residual": f["residual"],
-        "counts": {**data["counts"], "test_clips": result["clips"]},
-        "checkpoint": {"path": str(checkpoint), "sha256": sha},
-        "provenance": io.provenance(settings, [checkpoint, manifest], step="finetune"),
-    }  # fmt: skip
-    io.write_json(out / "metrics.json", metrics)
-    trainer.last.unlink(missing_ok=True)  # spent: a rerun with new settings starts anew
-    tracked.finish(files=("metrics.csv", "metrics.json", "test_predictions.csv"))
-    return out
+    trainer = build(job)
+    tracked = start_tracking(job)
+    if not train_epochs(job, trainer, tracked, stop_after):
+        return job.out
+    return finish(job, trainer, tracked)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

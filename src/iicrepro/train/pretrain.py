@@ -8,6 +8,10 @@ Outputs in the run folder (`layout.pretrain_dir`):
     metrics.json   final loss beside its chance level, epochs, seconds per epoch, provenance
     checkpoint.pt  final backbone + banks + settings; written last, so its presence means "done"
 
+`pretrain()` reads as its parts: `prepare` (folder, process group, usable videos, plan), `finished`,
+`build` (backbone, banks, init.pt, optimizer), `resume`, `train_epochs` (`run_epoch` -> `train_step`)
+and `finish` (metrics.json, checkpoint.pt).
+
 A run that finds ckpt/last.pt continues from it; on the CPU the result is bit-identical to an
 uninterrupted run (every random stream is restored, and the learning rate is a pure function of
 the position in the schedule).
@@ -22,7 +26,7 @@ import io as _io
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +213,279 @@ def _plan(settings, backbone, view, intra_negative, seed, epochs, max_steps, n) 
 
 
 # ------------------------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """One pretraining run: its identity, where it writes, what it trains on (`prepare`), and
+    the parts `build` makes (backbone, banks, optimizer, the loader's random stream)."""
+
+    settings: Any
+    backbone: str
+    view: str
+    intra_negative: str
+    seed: int
+    epochs: int
+    max_steps: int | None
+    out: Path
+    world: Any  # train.distributed.World
+    device: Any
+    clips: Any = None  # PretrainClips of the usable training videos
+    inputs: list = field(default_factory=list)  # files the result depends on (provenance)
+    counts: dict = field(default_factory=dict)  # usable-video counts (metrics.json "videos")
+    plan: dict = field(default_factory=dict)  # what decides the result (`_plan`)
+    model_kwargs: dict = field(default_factory=dict)
+    model: Any = None
+    bank: Any = None
+    optimizer: Any = None
+    loader_rng: Any = None
+    tracked: Any = None  # the MLflow run (track.start_run), logging while it trains
+
+    @property
+    def final(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.out / "ckpt" / "last.pt"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.clips) // self.settings["pretrain"]["batch_size"]  # drop_last (spec 4)
+
+
+def prepare(settings: Any, *, backbone, view, intra_negative, seed, out_dir, max_steps, epochs,
+            device) -> Run:  # fmt: skip
+    """The run's folder, process group and device, its usable training videos and its plan."""
+    from iicrepro import checkpoint as ck
+    from iicrepro.data.datasets import pretraining_set
+    from iicrepro.devices import configure
+    from iicrepro.seeding import seed_everything
+    from iicrepro.train import distributed as ddp
+
+    p = settings["pretrain"]
+    epochs = int(epochs or p["epochs"])
+    out = Path(out_dir) if out_dir else layout.pretrain_dir(
+        settings, backbone, view, intra_negative, seed
+    )  # fmt: skip
+    world, device = ddp.init(device)  # one process, or one rank of a torchrun job
+    run = Run(settings, backbone, view, intra_negative, seed, epochs, max_steps, out, world, device)
+    if world.main:
+        ck.clean_run_folder(out, run.last.parent)  # temporary files of a killed write
+    configure(device)
+    seed_everything(seed)
+    run.clips, run.inputs, run.counts = pretraining_set(settings, view)
+    n, batch_size = len(run.clips), p["batch_size"]
+    if n < batch_size:
+        raise UserError(
+            f"{n} usable training videos < pretrain.batch_size={batch_size} (drop_last leaves "
+            "no batch): lower the batch size or fix the frame store"
+        )
+    ddp.rank_batch_size(batch_size, world)  # under DDP the global batch must split evenly
+    run.plan = _plan(settings, backbone, view, intra_negative, seed, epochs, max_steps, n)
+    return run
+
+
+def finished(run: Run) -> bool:
+    """True when checkpoint.pt holds this very run; another run's checkpoint.pt is an error."""
+    from iicrepro import checkpoint as ck
+
+    if not run.final.is_file():
+        return False
+    done = ck.load_checkpoint(run.final)
+    if done.get("plan") == run.plan:
+        log.info("%s exists: nothing to do", run.final)
+        return True
+    raise UserError(
+        f"{run.final} was made with other settings "
+        f"({steps.differences(done.get('plan', {}), run.plan)}); "
+        f"delete {run.out} or pass another --out"
+    )
+
+
+def build(run: Run) -> None:
+    """Backbone, memory banks, the loader's random stream, init.pt and the optimizer. The
+    construction order fixes the random init: backbone, then banks, then the loader's stream."""
+    import torch
+
+    from iicrepro import checkpoint as ck
+    from iicrepro.method.memory_bank import memory_bank
+    from iicrepro.models import build_backbone
+
+    s, p, device = run.settings, run.settings["pretrain"], run.device
+    run.model_kwargs = {"width": s["model"]["width"], "small_input": s["model"]["small_input"]}
+    run.model = build_backbone(run.backbone, **run.model_kwargs)
+    run.bank = memory_bank(
+        run.world, len(run.clips), run.model.out_dim, k=p["nce"]["k"], t=p["nce"]["t"],
+        momentum=p["nce"]["momentum"], intra=run.intra_negative != "none",
+        normalize_features=p["nce"]["normalize_features"],
+    )  # fmt: skip
+    run.loader_rng = torch.Generator().manual_seed(run.seed)
+    init = run.out / "init.pt"
+    if run.world.main and not init.is_file():
+        prov = ck.plain(io.provenance(s, run.inputs, step="pretrain"))
+        ck.save_checkpoint(init, ck.backbone_state(run.model, run.backbone, run.model_kwargs,
+                                                   seed=run.seed, epoch=0, provenance=prov))  # fmt: skip
+    run.model.to(device)
+    if p["channels_last"] and device.type == "cuda":  # NDHWC convolutions (BENCHMARKS.md "GPU")
+        run.model.to(memory_format=torch.channels_last_3d)
+    run.bank.to(device)
+    run.optimizer = torch.optim.SGD(
+        run.model.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"]
+    )
+
+
+def resume(run: Run) -> tuple[int, list[dict]]:
+    """Continue from ckpt/last.pt when it holds this run: (epochs done, their metric rows)."""
+    from tqdm import tqdm
+
+    from iicrepro import checkpoint as ck
+    from iicrepro.seeding import set_rng_state
+
+    if not run.last.is_file():
+        return 0, []
+    state = ck.load_checkpoint(run.last)
+    if state.get("plan") != run.plan:
+        raise UserError(
+            f"{run.last} was made with other settings "
+            f"({steps.differences(state.get('plan', {}), run.plan)}); "
+            f"delete it to start over, or restore the settings to resume"
+        )
+    run.model.load_state_dict(state["model"])
+    run.bank.load_state_dict(state["bank"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    run.loader_rng.set_state(state["loader_rng"])
+    if run.world.main:
+        tqdm.write(f"pretrain: resuming {run.out.name} after epoch {state['epoch']}/{run.epochs}")
+    return state["epoch"], list(state["metrics"])
+
+
+def data_loader(run: Run):
+    """Shuffled batches of the global batch size, last partial batch dropped (spec 4); under
+    DDP, this rank's rows of every global batch."""
+    import torch
+
+    from iicrepro.devices import pin_memory
+    from iicrepro.train import distributed as ddp
+
+    p = run.settings["pretrain"]
+    if run.world.distributed:
+        return ddp.data_loader(
+            run.clips, run.world, batch_size=p["batch_size"], workers=p["workers"],
+            generator=run.loader_rng, pin_memory=pin_memory(run.device),
+        )  # fmt: skip
+    return torch.utils.data.DataLoader(
+        run.clips, batch_size=p["batch_size"], shuffle=True, drop_last=True,
+        num_workers=p["workers"], generator=run.loader_rng, pin_memory=pin_memory(run.device),
+    )  # fmt: skip
+
+
+def _save_resume_state(run: Run, epoch: int, rows: list[dict]) -> None:
+    from iicrepro import checkpoint as ck
+    from iicrepro.seeding import rng_state
+
+    p = run.settings["pretrain"]
+    ck.save_checkpoint(run.last, {
+        "format": ck.FORMAT, "plan": run.plan, "epoch": epoch, "metrics": rows,
+        "model": run.model.state_dict(), "bank": run.bank.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": {"name": p["schedule"], "epoch": epoch, "steps_per_epoch": run.steps_per_epoch},
+        "rng": rng_state(), "loader_rng": run.loader_rng.get_state(),
+    })  # fmt: skip
+
+
+def train_epochs(run: Run, start: int, rows: list[dict]) -> list[dict]:
+    """Epochs `start`.. of the run: metrics.csv and the epoch line after each, resume state every
+    `pretrain.checkpoint_every` epochs and at the end (not in a `max_steps` debug run)."""
+    import torch
+    from tqdm import tqdm
+
+    from iicrepro.train import distributed as ddp
+
+    p, world, device = run.settings["pretrain"], run.world, run.device
+    loader = data_loader(run)
+    step_model = ddp.wrap(run.model, world, device)  # DDP + synchronised BN in a process group
+    step_model = torch.compile(step_model) if p["compile"] else step_model
+    ctx = StepContext(step_model, run.bank, run.optimizer, device, run.view, run.intra_negative,
+                      p["amp"], world)  # fmt: skip
+    run.model.train()
+    utilisation = mfu_estimate(
+        run.settings, run.backbone, run.view, run.intra_negative, device, world
+    )
+    ident = {"dataset": p["dataset"], "split": p["split"], "backbone": run.backbone,
+             "view": run.view, "intra_negative": run.intra_negative, "seed": run.seed}  # fmt: skip
+    run.tracked = track.start_run(
+        run.settings, "pretrain", run.out, identity=ident, params=run.plan, enabled=world.main,
+        name=layout.run_name(run.backbone, run.view, run.intra_negative, run.seed),
+    )  # fmt: skip
+    steps_left = run.max_steps
+    for epoch in range(start, run.epochs):
+        row = run_epoch(
+            ctx, loader, epoch=epoch, epochs=run.epochs, schedule=p,
+            steps_per_epoch=run.steps_per_epoch, max_steps=steps_left,
+        )  # fmt: skip
+        rows.append(row)
+        if world.main:  # only rank 0 writes and logs
+            _write_metrics_csv(run.out / "metrics.csv", rows)
+            run.tracked.log_epoch(row)
+            tqdm.write(epoch_line(run.out.name, row, run.epochs, run.bank.chance_loss(),
+                                  utilisation))  # fmt: skip
+        if steps_left is not None:
+            steps_left -= row["steps"]
+            if steps_left <= 0:
+                break
+            continue  # a truncated debug run keeps no resume state
+        if world.main and ((epoch + 1) % p["checkpoint_every"] == 0 or epoch + 1 == run.epochs):
+            _save_resume_state(run, epoch + 1, rows)
+    return rows
+
+
+def finish(run: Run, rows: list[dict]) -> Path:
+    """metrics.json, then checkpoint.pt (written last: its presence means "done"); the spent
+    resume state goes, the MLflow run ends. Other ranks wait for rank 0."""
+    from iicrepro import checkpoint as ck
+
+    world, bank, out = run.world, run.bank, run.out
+    if not world.main:
+        world.barrier()  # returns once rank 0 has written the run's files
+        return out
+    prov = ck.plain(io.provenance(run.settings, run.inputs, step="pretrain"))
+    seconds = [r["seconds"] for r in rows]
+    summary = {
+        "final_loss": rows[-1]["loss"],
+        "chance_loss": bank.chance_loss(),
+        "final_positive_rank1": rows[-1]["positive_rank1"],
+        "epochs": len(rows),
+        "planned_epochs": run.epochs,
+        "steps": sum(r["steps"] for r in rows),
+        "max_steps": run.max_steps,
+        "seconds_per_epoch": sum(seconds) / len(seconds),
+        "samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows),
+        "videos": run.counts,
+        "backbone": run.backbone, "view": run.view, "intra_negative": run.intra_negative,
+        "seed": run.seed,
+        "device": str(run.device),
+        "processes": world.size,
+        "provenance": prov,
+    }  # fmt: skip
+    io.write_json(out / "metrics.json", summary)
+    bank_config = {k: getattr(bank, k) for k in ("n", "dim", "k", "t", "momentum", "intra",
+                                                  "normalize_features")}  # fmt: skip
+    try:
+        ck.save_checkpoint(run.final, ck.backbone_state(
+            run.model, run.backbone, run.model_kwargs,
+            bank={k: v.cpu() for k, v in bank.state_dict().items()}, bank_config=bank_config,
+            view=run.view, intra_negative=run.intra_negative, seed=run.seed, epoch=len(rows),
+            plan=run.plan, settings=ck.plain(run.settings), provenance=prov,
+        ))  # fmt: skip
+    except BaseException:  # e.g. a full disk: no record of a run whose model was not written
+        (out / "metrics.json").unlink(missing_ok=True)
+        raise
+    run.last.unlink(missing_ok=True)  # spent: a rerun with new settings starts anew
+    run.tracked.finish(checkpoint=run.final, init=out / "init.pt")
+    world.barrier()
+    return out
+
+
 def pretrain(
     settings: Any,
     *,
@@ -223,174 +500,16 @@ def pretrain(
 ) -> Path:
     """Pretrain one model; returns its run folder. `max_steps` (debug, benchmarks) stops after
     that many optimisation steps; such a run records it and writes no resume state."""
-    import torch
-    from tqdm import tqdm
-
-    from iicrepro import checkpoint as ck
-    from iicrepro.data.datasets import pretraining_set
-    from iicrepro.devices import configure, pin_memory
-    from iicrepro.method.memory_bank import memory_bank
-    from iicrepro.models import build_backbone
-    from iicrepro.seeding import rng_state, seed_everything, set_rng_state
-    from iicrepro.train import distributed as ddp
-
-    p = settings["pretrain"]
-    epochs = int(epochs or p["epochs"])
-    out = Path(out_dir) if out_dir else layout.pretrain_dir(
-        settings, backbone, view, intra_negative, seed
+    run = prepare(
+        settings, backbone=backbone, view=view, intra_negative=intra_negative, seed=seed,
+        out_dir=out_dir, max_steps=max_steps, epochs=epochs, device=device,
     )  # fmt: skip
-    final, last = out / "checkpoint.pt", out / "ckpt" / "last.pt"
-
-    world, device = ddp.init(device)  # one process, or one rank of a torchrun job
-    if world.main:
-        ck.clean_run_folder(out, last.parent)  # temporary files of a killed write
-    configure(device)
-    seed_everything(seed)
-    clips, inputs, counts = pretraining_set(settings, view)
-    n, batch_size = len(clips), p["batch_size"]
-    if n < batch_size:
-        raise UserError(
-            f"{n} usable training videos < pretrain.batch_size={batch_size} (drop_last leaves "
-            "no batch): lower the batch size or fix the frame store"
-        )
-    steps_per_epoch = n // batch_size  # drop_last=True (spec 4)
-    ddp.rank_batch_size(batch_size, world)  # under DDP the global batch must split evenly
-    plan = _plan(settings, backbone, view, intra_negative, seed, epochs, max_steps, n)
-    if final.is_file():
-        done = ck.load_checkpoint(final)
-        if done.get("plan") == plan:
-            log.info("%s exists: nothing to do", final)
-            return out
-        raise UserError(
-            f"{final} was made with other settings ({steps.differences(done.get('plan', {}), plan)}); "
-            f"delete {out} or pass another --out"
-        )
-
-    # Construction order fixes the random init: backbone, then banks, then the loader's stream.
-    model_kwargs = {
-        "width": settings["model"]["width"],
-        "small_input": settings["model"]["small_input"],
-    }
-    model = build_backbone(backbone, **model_kwargs)
-    bank = memory_bank(
-        world, n, model.out_dim, k=p["nce"]["k"], t=p["nce"]["t"], momentum=p["nce"]["momentum"],
-        intra=intra_negative != "none", normalize_features=p["nce"]["normalize_features"],
-    )  # fmt: skip
-    loader_rng = torch.Generator().manual_seed(seed)
-    init = out / "init.pt"
-    if world.main and not init.is_file():
-        prov = ck.plain(io.provenance(settings, inputs, step="pretrain"))
-        ck.save_checkpoint(init, ck.backbone_state(model, backbone, model_kwargs, seed=seed,
-                                                   epoch=0, provenance=prov))  # fmt: skip
-    model.to(device)
-    if p["channels_last"] and device.type == "cuda":  # NDHWC convolutions (BENCHMARKS.md "GPU")
-        model.to(memory_format=torch.channels_last_3d)
-    bank.to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"]
-    )
-
-    start, rows = 0, []
-    if last.is_file():
-        state = ck.load_checkpoint(last)
-        if state.get("plan") != plan:
-            raise UserError(
-                f"{last} was made with other settings ({steps.differences(state.get('plan', {}), plan)}); "
-                f"delete it to start over, or restore the settings to resume"
-            )
-        model.load_state_dict(state["model"])
-        bank.load_state_dict(state["bank"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        loader_rng.set_state(state["loader_rng"])
-        start, rows = state["epoch"], list(state["metrics"])
-        if world.main:
-            tqdm.write(f"pretrain: resuming {out.name} after epoch {start}/{epochs}")
-
-    if world.distributed:  # this rank's rows of every global batch
-        loader = ddp.data_loader(
-            clips, world, batch_size=batch_size, workers=p["workers"], generator=loader_rng,
-            pin_memory=pin_memory(device),
-        )  # fmt: skip
-    else:
-        loader = torch.utils.data.DataLoader(
-            clips, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=p["workers"],
-            generator=loader_rng, pin_memory=pin_memory(device),
-        )  # fmt: skip
-    step_model = ddp.wrap(model, world, device)  # DDP + synchronised BN in a process group
-    step_model = torch.compile(step_model) if p["compile"] else step_model
-    ctx = StepContext(step_model, bank, optimizer, device, view, intra_negative, p["amp"], world)
-    model.train()
-    utilisation = mfu_estimate(settings, backbone, view, intra_negative, device, world)
-    ident = {"dataset": p["dataset"], "split": p["split"], "backbone": backbone, "view": view,
-             "intra_negative": intra_negative, "seed": seed}  # fmt: skip
-    run = track.start_run(settings, "pretrain", out, name=layout.run_name(backbone, view,
-                          intra_negative, seed), identity=ident, params=plan, enabled=world.main)  # fmt: skip
-    steps_left = max_steps
-    for epoch in range(start, epochs):
-        row = run_epoch(
-            ctx, loader, epoch=epoch, epochs=epochs, schedule=p,
-            steps_per_epoch=steps_per_epoch, max_steps=steps_left,
-        )  # fmt: skip
-        rows.append(row)
-        if world.main:  # only rank 0 writes and logs
-            _write_metrics_csv(out / "metrics.csv", rows)
-            run.log_epoch(row)
-            tqdm.write(epoch_line(out.name, row, epochs, bank.chance_loss(), utilisation))
-        if steps_left is not None:
-            steps_left -= row["steps"]
-            if steps_left <= 0:
-                break
-            continue  # a truncated debug run keeps no resume state
-        if world.main and ((epoch + 1) % p["checkpoint_every"] == 0 or epoch + 1 == epochs):
-            ck.save_checkpoint(last, {
-                "format": ck.FORMAT, "plan": plan, "epoch": epoch + 1, "metrics": rows,
-                "model": model.state_dict(), "bank": bank.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": {"name": p["schedule"], "epoch": epoch + 1, "steps_per_epoch": steps_per_epoch},
-                "rng": rng_state(), "loader_rng": loader_rng.get_state(),
-            })  # fmt: skip
-
-    if not world.main:
-        world.barrier()  # returns once rank 0 has written the run's files
-        return out
-    chance = bank.chance_loss()
-    prov = ck.plain(io.provenance(settings, inputs, step="pretrain"))
-    seconds = [r["seconds"] for r in rows]
-    summary = {
-        "final_loss": rows[-1]["loss"],
-        "chance_loss": chance,
-        "final_positive_rank1": rows[-1]["positive_rank1"],
-        "epochs": len(rows),
-        "planned_epochs": epochs,
-        "steps": sum(r["steps"] for r in rows),
-        "max_steps": max_steps,
-        "seconds_per_epoch": sum(seconds) / len(seconds),
-        "samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows),
-        "videos": counts,
-        "backbone": backbone, "view": view, "intra_negative": intra_negative, "seed": seed,
-        "device": str(device),
-        "processes": world.size,
-        "provenance": prov,
-    }  # fmt: skip
-    io.write_json(out / "metrics.json", summary)
-    bank_config = {k: getattr(bank, k) for k in ("n", "dim", "k", "t", "momentum", "intra",
-                                                  "normalize_features")}  # fmt: skip
-    try:
-        ck.save_checkpoint(final, ck.backbone_state(
-            model, backbone, model_kwargs,
-            bank={k: v.cpu() for k, v in bank.state_dict().items()}, bank_config=bank_config,
-            view=view, intra_negative=intra_negative, seed=seed, epoch=len(rows), plan=plan,
-            settings=ck.plain(settings), provenance=prov,
-        ))  # fmt: skip
-    except BaseException:  # e.g. a full disk: no record of a run whose model was not written
-        (out / "metrics.json").unlink(missing_ok=True)
-        raise
-    if world.main:  # a finished run's resume state is spent; a rerun with new settings starts anew
-        last.unlink(missing_ok=True)
-    run.finish(checkpoint=final, init=init)
-    world.barrier()
-    return out
+    if finished(run):
+        return run.out
+    build(run)
+    start, rows = resume(run)
+    rows = train_epochs(run, start, rows)
+    return finish(run, rows)
 
 
 # ------------------------------------------------------------------------------------------ CLI
