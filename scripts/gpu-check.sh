@@ -19,6 +19,7 @@
 #   scripts/gpu-check.sh               # the GPU check; results in $OUT (default ./results)
 #   scripts/gpu-check.sh --cpu-smoke   # the same parts, tiny, on the CPU (a few minutes)
 #   BUDGET=3000 TIME_SCALE=6 scripts/gpu-check.sh --cpu-smoke   # ... on a heavily shared CPU
+#   PARTS="flow share compile" scripts/gpu-check.sh   # only part 0 (the levers not yet measured)
 # Writes $OUT/bench-gpu.json (summary + every part's measurements) and $OUT/gpu-check/ (logs).
 # Needs python3 with torch; PyAV and jsonschema come from .whl/*.whl when not importable
 # (installed with pip --target into /tmp/site). MLflow is never used (tracking.enabled=false).
@@ -41,6 +42,8 @@ mkdir -p "$DIR"
 PY="${PYTHON:-python3}"
 BUDGET="${BUDGET:-470}" # seconds for the whole script; each part gets at most what is left
 TIME_SCALE="${TIME_SCALE:-1}" # multiplies each part's limit, e.g. for --cpu-smoke on a busy machine
+# Parts to run, by name prefix (default all), e.g. PARTS="flow share compile" for part 0 only.
+PARTS="${PARTS:-flow share compile train loader ddp}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 START=$SECONDS
@@ -51,8 +54,13 @@ log() { echo "== gpu-check [$((SECONDS - START)) s] $*"; }
 # part NAME LIMIT_S CMD...: run CMD under a time limit (capped by what is left of BUDGET),
 # teeing its output to $DIR/NAME.log; a failure or timeout is recorded, the script goes on.
 part() {
-  local name=$1 limit=$(($2 * TIME_SCALE)) rc=0
+  local name=$1 limit=$(($2 * TIME_SCALE)) rc=0 p wanted=0
   shift 2
+  for p in $PARTS; do [[ $name == "$p"* ]] && wanted=1; done
+  if ((!wanted)); then
+    log "$name: not in PARTS"
+    return 0
+  fi
   local left=$((BUDGET - (SECONDS - START) - 15))
   ((limit > left)) && limit=$left
   if ((limit < 20)); then
