@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 CORES ?= 2
 PRESET ?= demo
 
-.PHONY: demo rehearsal test venv sysdeps lint format ui clean-results
+.PHONY: demo rehearsal test test-fast venv sysdeps lint format ui clean-results
 
 # Virtual environment with the project (editable) and its pinned stack; rebuilt when pyproject changes.
 $(VENV)/.installed: pyproject.toml
@@ -41,6 +41,11 @@ test: venv sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# The tests not marked slow (no workflow, Slurm, DVC or server round trips): a quick check while
+# editing; `make test` (CI) runs everything.
+test-fast: venv
+	$(BIN)/pytest -m "not slow"
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/snakemake --lint

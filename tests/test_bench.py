@@ -18,6 +18,7 @@ def positive(x) -> bool:
     return isinstance(x, float | int) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_every_measurement(tmp_path, capsys):
     argv = [
         "bench", "--params", str(PARAMS), "--set", f"paths.results={tmp_path / 'results'}",

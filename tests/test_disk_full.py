@@ -55,6 +55,7 @@ def no_temporaries(root: Path) -> bool:
     return not [p for p in root.rglob(".*") if p.name.endswith(".tmp") or ".synthesize-" in p.name]
 
 
+@pytest.mark.slow
 def test_synthesize(tmp_path, capsys):
     mnt = tmp_path / "mnt"
     with small_filesystem(mnt, 256 << 10):
@@ -68,6 +69,7 @@ def test_synthesize(tmp_path, capsys):
         assert run(capsys, *argv)[0] == 0 and (source / "SHA256SUMS").is_file()
 
 
+@pytest.mark.slow
 def test_fetch_and_extract(tmp_path, capsys):
     mnt = tmp_path / "mnt"
     with small_filesystem(mnt, 16 * MiB):
@@ -107,6 +109,7 @@ def small_videos(root: Path, n: int) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_frames_stop_instead_of_counting_videos_as_failed(tmp_path, capsys, workers):
     src = small_videos(tmp_path / "src", 8)  # raw frames: 20 x 24 x 32 x 3 = 45 KiB per video
@@ -134,6 +137,7 @@ def test_frames_stop_instead_of_counting_videos_as_failed(tmp_path, capsys, work
         assert pd.read_csv(store / "failures.csv").empty
 
 
+@pytest.mark.slow
 def test_flow_stops_instead_of_counting_videos_as_failed(tmp_path, capsys):
     frames = tmp_path / "frames"
     keys = [f"C{i % 2}/v_{i:02d}" for i in range(6)]
@@ -169,6 +173,7 @@ def sets(tmp_path: Path, results: Path, **extra) -> list[str]:
     return [*argv, "--set", f"paths.results={results}"]
 
 
+@pytest.mark.slow
 def test_pretrain(tmp_path, capsys, tiny):
     mnt = tmp_path / "mnt"
     with small_filesystem(mnt, 1 * MiB):
@@ -201,6 +206,7 @@ def test_pretrain(tmp_path, capsys, tiny):
         assert run(capsys, *argv)[0] == 0 and (run_dir / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_retrieve(tmp_path, capsys, tiny):
     mnt = tmp_path / "mnt"
     with small_filesystem(mnt, 256 << 10):
@@ -212,6 +218,7 @@ def test_retrieve(tmp_path, capsys, tiny):
         assert not (mnt / "ret" / "metrics.json").exists() and no_temporaries(mnt)
 
 
+@pytest.mark.slow
 def test_finetune(tmp_path, capsys, tiny):
     mnt = tmp_path / "mnt"
     with small_filesystem(mnt, 1 * MiB):

@@ -130,6 +130,7 @@ def compare(a: Path, b: Path) -> None:
                 assert torch.equal(cb[group][k], v), k
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
     """BN statistics over the global batch, gathered bank updates, global random draws,
     averaged gradients: the job reproduces the single process up to float32 summation order."""
@@ -144,6 +145,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
     assert runs["logs"]["two"].count("pretrain two epoch") == 2  # only rank 0 logs
 
 
+@pytest.mark.slow
 def test_ddp_resumes_a_single_process_run(runs):
     """The job picks up ckpt/last.pt written after epoch 1 and ends where one process ends."""
     log = runs["logs"]["resumed"]

@@ -64,6 +64,7 @@ def expected_predictions(s, state: dict) -> dict[str, int]:
     return out
 
 
+@pytest.mark.slow
 def test_evaluates_an_imported_upstream_finetuned_model_with_its_own_head(tiny):
     s, tmp = tiny["settings"], tiny["tmp"]
     state = upstream_finetuned(tmp / "r3d_ucf101.pt", num_classes=3)

@@ -77,6 +77,7 @@ def run(tiny, out, **kw):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end_and_resume_equals_uninterrupted(tiny):
     whole = tiny["tmp"] / "whole"
     argv = ["finetune", "--params", str(data.PARAMS), "--preset", "demo"]
