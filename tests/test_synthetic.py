@@ -288,3 +288,69 @@ def test_regeneration_is_skipped_until_something_changes(datasets, capsys):
     assert not synthetic.up_to_date(root / "a", tiny_settings(1))  # other settings
     (root / "c" / synthetic.SPLITS_ZIP).write_bytes(b"damaged")
     assert not synthetic.up_to_date(root / "c", tiny_settings(1))  # checksum mismatch
+
+
+def shortcut_colours(spread: float, videos: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """(colour vectors, class labels) of `videos` videos per class, as generate() draws them."""
+    feats, labels = [], []
+    for label, kind in enumerate(synthetic.CLASS_NAMES):
+        for v in range(videos):
+            rng = synthetic.video_rng(0, kind, 1 + v // 10, 1 + v % 10, stream=1)
+            c = synthetic.sample_colours(rng, spread)
+            feats.append(np.concatenate([c.first, c.second, c.background]))
+            labels.append(label)
+    return np.array(feats), np.array(labels)
+
+
+def test_shortcut_colours_identify_the_video_but_not_its_class():
+    feats, labels = shortcut_colours(1.0)
+    dist = np.abs(feats[:, None] - feats[None]).max(axis=2)
+    np.fill_diagonal(dist, np.inf)
+    assert dist.min() > 0.01  # every video has its own colours
+    # Leave-one-out nearest neighbour on the colours: chance (10 %) for the class...
+    nearest = labels[dist.argmin(axis=1)]
+    assert (nearest == labels).mean() < 0.2
+    # ...while object, texture and background stay apart, so the motion stays visible.
+    first, second, background = feats[:, :3], feats[:, 3:6], feats[:, 6:]
+    for a, b in ((first, background), (second, background), (first, second)):
+        assert np.abs(a - b).max(axis=1).min() >= synthetic.MIN_CONTRAST
+    # spread 0 is dataset C; a smaller spread keeps the colours near the fixed ones
+    assert synthetic.sample_colours(np.random.default_rng(0), 0.0) == synthetic.FIXED_COLOURS
+    half, _ = shortcut_colours(0.3, videos=3)
+    fixed = np.concatenate([synthetic.YELLOW, synthetic.DARK_BLUE, [synthetic.BACKGROUND] * 3])
+    assert np.abs(half - fixed).max() <= 0.3 * 0.9 + 1e-9
+
+
+def test_shortcut_changes_the_colours_and_nothing_else():
+    kw = {**SIZE, "noise": 0.0}
+    plain = synthetic.render_video("rotate_cw", synthetic.video_rng(0, "rotate_cw", 1, 1), **kw)
+    colours = synthetic.sample_colours(synthetic.video_rng(0, "rotate_cw", 1, 1, stream=1), 1.0)
+    shortcut = synthetic.render_video(
+        "rotate_cw", synthetic.video_rng(0, "rotate_cw", 1, 1), colours=colours, **kw
+    )
+    # The same object in the same place in every frame (pixels off the background), new colours.
+    ramp = synthetic.RAMP * (2 * (np.arange(48) + 0.5) / 48 - 1)
+
+    def off_background(video, background):
+        expected = np.rint((np.array(background)[None, :] + ramp[:, None]) * 255)
+        return np.abs(video.astype(int) - expected[None, None]).max(axis=3) > 20
+
+    mask = off_background(plain, synthetic.FIXED_COLOURS.background)
+    assert mask.sum() > 1000
+    assert (mask == off_background(shortcut, colours.background)).mean() > 0.97
+    assert np.abs(plain.astype(int) - shortcut).mean() > 20
+
+
+def test_shortcut_setting_reaches_the_archives(datasets, tmp_path):
+    root, _ = datasets
+    s = config.load(PARAMS, "demo", [*TINY, "synthetic.shortcut=1.0"]).synthetic
+    assert synthetic.generate(s, tmp_path / "shortcut", workers=1)
+    assert not synthetic.up_to_date(tmp_path / "shortcut", tiny_settings(0))
+    a = members(root / "a" / synthetic.VIDEOS_ZIP)
+    b = members(tmp_path / "shortcut" / synthetic.VIDEOS_ZIP)
+    name = "SyntheticMotion/Up/v_Up_g01_c01.avi"
+    plain, _ = decode(a[name])
+    coloured, _ = decode(b[name])
+    assert np.abs(plain.astype(int) - coloured).mean() > 10
+    with pytest.raises(config.ConfigError, match="synthetic.shortcut"):
+        config.load(PARAMS, "demo", ["synthetic.shortcut=2"])

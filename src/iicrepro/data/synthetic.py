@@ -6,6 +6,12 @@ aspect, texture, +-5 px position, phases) are drawn per video before, and indepe
 motion. The recipe's lengths are px at 48x48 and scale with the frame size; angles, zoom factors
 and periods in frames do not.
 
+``synthetic.shortcut`` (0 = dataset C) adds the appearance shortcut that intra-negatives exist to
+block: each video draws its own two object colours and background colour from its own random
+stream, independently of its class, up to ``shortcut`` of the way from the fixed colours to any
+RGB colour. Appearance then identifies a video but says nothing about its motion, so a cross-view
+pretext can be solved by colour alone. Geometry and motion stay those of dataset C, video by video.
+
 The output imitates UCF101 so the real pipeline runs on it unchanged (spec 2.1):
 ``synthetic_videos.zip`` holds ``SyntheticMotion/<Class>/v_<Class>_gXX_cYY.avi`` (mpeg4/XVID),
 ``synthetic_splits.zip`` holds ``synthTrainTestlist/`` with classInd.txt, trainlist0N.txt and
@@ -60,6 +66,9 @@ ZOOM = (1.04, 1.07)  # factor per frame
 OSCILLATION_AMPLITUDE, OSCILLATION_PERIOD = (4.0, 7.0), (6.0, 10.0)
 BLINK_PERIOD, BLINK_DUTY = (4.0, 8.0), 4 / 7  # visible about 57 % of the time
 SUPERSAMPLE = 3  # 3x3 samples per pixel: smooth edges and sub-pixel motion
+# Shortcut colours: each object colour differs from the background, and the two from each other,
+# by at least this much in some channel, so the object and its texture stay visible.
+MIN_CONTRAST = 0.3
 
 # Encoding: UCF101-like mpeg4/XVID in AVI, near-lossless quantiser, short GOP.
 QSCALE, GOP = 1, 8  # mpeg4 quantiser (1 = best) and keyframe interval of the .avi files
@@ -78,6 +87,18 @@ class Appearance:
     period: float
     texture_angle: float  # stripes only
     phase: tuple[float, float]  # texture phase in periods
+
+
+@dataclass(frozen=True)
+class Colours:
+    """The object's two texture colours and the background grey (RGB in [0, 1])."""
+
+    first: tuple[float, float, float] = YELLOW
+    second: tuple[float, float, float] = DARK_BLUE
+    background: tuple[float, float, float] = (BACKGROUND,) * 3
+
+
+FIXED_COLOURS = Colours()
 
 
 @dataclass(frozen=True)
@@ -108,6 +129,23 @@ def sample_appearance(rng: np.random.Generator, width: int, height: int) -> Appe
         texture_angle=rng.uniform(0, math.pi),
         phase=(float(rng.uniform()), float(rng.uniform())),
     )
+
+
+def sample_colours(rng: np.random.Generator, spread: float) -> Colours:
+    """Per-video colours `spread` of the way from the fixed ones to uniform random RGB colours,
+    redrawn until object, texture and background differ by MIN_CONTRAST (0 = the fixed colours)."""
+    if spread <= 0:
+        return FIXED_COLOURS
+    base = np.array([YELLOW, DARK_BLUE, FIXED_COLOURS.background])
+    for _ in range(1000):
+        c = base + spread * (rng.uniform(0.0, 1.0, (3, 3)) - base)
+        gaps = [np.abs(c[0] - c[2]).max(), np.abs(c[1] - c[2]).max(), np.abs(c[0] - c[1]).max()]
+        if min(gaps) >= MIN_CONTRAST:
+            break
+    else:  # unreachable for spread in (0, 1]: the fixed colours already differ by > 0.3
+        c = base
+    first, second, background = (tuple(float(v) for v in row) for row in c)
+    return Colours(first, second, background)
 
 
 def sample_motion(kind: str, rng: np.random.Generator, width: int, height: int) -> Motion:
@@ -168,15 +206,17 @@ def draw(
     height: int,
     frames: int,
     noise: float,
+    colours: Colours = FIXED_COLOURS,
 ) -> np.ndarray:
     """Render one video as uint8 (T, H, W, 3); `rng` supplies the pixel noise only."""
     a, ss = appearance, SUPERSAMPLE
     x = (np.arange(width * ss) + 0.5) / ss
     y = (np.arange(height * ss) + 0.5) / ss
     xx, yy = np.meshgrid(x, y)
-    ramp = BACKGROUND + RAMP * (2 * (np.arange(width) + 0.5) / width - 1)
-    background = np.broadcast_to(ramp[None, :, None], (height, width, 3))
-    yellow, blue = np.array(YELLOW), np.array(DARK_BLUE)
+    ramp = RAMP * (2 * (np.arange(width) + 0.5) / width - 1)
+    background = np.array(colours.background)[None, None, :] + ramp[None, :, None]
+    background = np.broadcast_to(background, (height, width, 3))
+    yellow, blue = np.array(colours.first), np.array(colours.second)
     mid = (frames - 1) / 2  # all motion is defined around mid-video
     out = np.empty((frames, height, width, 3), np.float64)
     for t in range(frames):
@@ -199,7 +239,14 @@ def draw(
 
 
 def render_video(
-    motion: str, rng: np.random.Generator, *, width: int, height: int, frames: int, noise: float
+    motion: str,
+    rng: np.random.Generator,
+    *,
+    width: int,
+    height: int,
+    frames: int,
+    noise: float,
+    colours: Colours = FIXED_COLOURS,
 ) -> np.ndarray:
     """One video of class `motion` as uint8 (T, H, W, 3); deterministic given `rng`.
 
@@ -207,12 +254,21 @@ def render_video(
     """
     appearance = sample_appearance(rng, width, height)
     params = sample_motion(motion, rng, width, height)
-    return draw(appearance, params, rng, width=width, height=height, frames=frames, noise=noise)
+    return draw(
+        appearance, params, rng, width=width, height=height, frames=frames, noise=noise,
+        colours=colours,
+    )  # fmt: skip
 
 
-def video_rng(seed: int, motion: str, group: int, clip: int) -> np.random.Generator:
-    """The random stream of one video, independent of generation order and of the class list."""
-    key = (zlib.crc32(motion.encode()), group, clip)
+def video_rng(
+    seed: int, motion: str, group: int, clip: int, stream: int = 0
+) -> np.random.Generator:
+    """The random stream of one video, independent of generation order and of the class list.
+
+    Stream 0 draws geometry, motion and noise; stream 1 the shortcut colours, so that turning the
+    shortcut on changes a video's colours and nothing else.
+    """
+    key = (zlib.crc32(motion.encode()), group, clip) + ((stream,) if stream else ())
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
 
@@ -266,6 +322,7 @@ def _render_group(job: tuple[dict, str, int, str]) -> int:
     synthetic, motion, group, root = job
     for clip in range(1, synthetic["videos_per_group"] + 1):
         rng = video_rng(synthetic["seed"], motion, group, clip)
+        colour_rng = video_rng(synthetic["seed"], motion, group, clip, stream=1)
         video = render_video(
             motion,
             rng,
@@ -273,6 +330,7 @@ def _render_group(job: tuple[dict, str, int, str]) -> int:
             height=synthetic["height"],
             frames=synthetic["frames"],
             noise=synthetic["noise"],
+            colours=sample_colours(colour_rng, synthetic.get("shortcut", 0.0)),
         )
         path = Path(root) / VIDEO_TOP / video_name(motion, group, clip)
         path.parent.mkdir(parents=True, exist_ok=True)
