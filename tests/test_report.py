@@ -168,12 +168,70 @@ def test_plots_are_valid_pngs(results):
 
     out = track_off_build(results)
     names = sorted(p.name for p in out["plots"])
-    assert names == ["pretrain_loss.png", "retrieval_topk_hmdb51.png",
+    assert names == ["ablation_hmdb51.png", "ablation_synthetic.png", "ablation_ucf101.png",
+                     "pretrain_loss.png", "retrieval_topk_hmdb51.png",
                      "retrieval_topk_synthetic.png", "retrieval_topk_ucf101.png"]  # fmt: skip
     for p in out["plots"]:
         assert p.parent == layout.plots(results) and p.read_bytes()[:8] == PNG_SIGNATURE
         h, w, _ = matplotlib.image.imread(p).shape
         assert h > 200 and w > 300
+
+
+def test_ablation_table_and_chart_beside_the_paper(results):
+    out = track_off_build(results)
+    a = pd.read_csv(out["ablation"], keep_default_na=False, na_values={"std": [""],
+                    "paper_value": [""]})  # fmt: skip
+    key = dict(protocol="retrieval", backbone="r3d", view="residual")
+    # Synthetic: mean ± std over the two seeds, per model and feature; no paper numbers.
+    r = row(a, dataset="synthetic", **key, feature="joint", intra_negative="repeat", variant="")
+    assert (r["seeds"], r["mean"]) == (2, 54.5) and r["std"] == pytest.approx(0.7071, abs=1e-3)
+    r = row(a, dataset="synthetic", **key, feature="rgb", intra_negative="random",
+            variant="bnrecal")  # fmt: skip
+    assert r["mean"] == 33.5 and pd.isna(r["paper_value"])
+    assert (a[a["dataset"] == "synthetic"]["feature"] != "joint_l2").all()
+    # UCF101: the paper's ablation numbers beside ours (joint); CMC whatever the view.
+    r = row(a, dataset="ucf101", **key, feature="joint", intra_negative="repeat")
+    assert (r["mean"], r["paper_value"], r["seeds"]) == (39.0, 36.5, 1) and pd.isna(r["std"])
+    r = row(a, dataset="ucf101", protocol="retrieval", view="u", feature="joint",
+            intra_negative="none")  # fmt: skip
+    assert (r["mean"], r["paper_value"]) == (31.0, 26.4)
+    # Fine-tuning: the 3-split mean where all three splits exist, beside the paper's mean.
+    r = row(a, dataset="ucf101", protocol="finetune", intra_negative="repeat")
+    assert r["mean"] == pytest.approx(72.1667, abs=1e-3) and r["paper_value"] == 72.8
+    assert r["feature"] == "finetune"
+
+    md = out["md"].read_text()
+    syn = md[md.index("## synthetic: intra-negative ablation") :]
+    syn = syn[: syn.index("\n## ")]
+    assert ("| backbone · view | top-1 | CMC (none) | IIC repeat | random init | "
+            "random init (BN recal.) |") in syn  # fmt: skip
+    assert ("| r3d · view 2 = residual | retrieval, joint feature | 64.5 ± 0.7 (2) | "
+            "54.5 ± 0.7 (2) | 29.5 ± 0.7 (2) | 37.5 ± 0.7 (2) |") in syn  # fmt: skip
+    ucf = md[md.index("## ucf101: intra-negative ablation") :]
+    assert "| r3d · view 2 = residual | retrieval, joint feature | — | 39.0 (1) / 36.5 |" in ucf
+    assert "| r3d · view 2 = u | retrieval, joint feature | 31.0 (1) / 26.4 | — |" in ucf
+    assert "| r3d · view 2 = residual | fine-tuning | — | 72.2 (1) / 72.8 |" in ucf
+
+    chart = layout.plots(results) / "ablation_synthetic.png"
+    assert chart in out["plots"] and chart.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_summary_opens_with_what_to_look_at(results, tmp_path):
+    md = track_off_build(results)["md"].read_text()
+    lead = md[md.index("\n") : md.index("Preset `proof`")]
+    assert "**What to look at.**" in lead and "Headline feature: rgb" in lead
+    assert "(chance 10 %)" in lead
+    # IIC repeat RGB 50.5 (seeds 0, 1) against 33.5 for the BN-recalibrated random init.
+    assert "* IIC repeat: retrieval top-1 **50.5** against 33.5 for random init with" in lead
+    assert "**+17.0 points**" in lead
+    assert "* CMC (no intra-negative): retrieval top-1 **60.5**" in lead
+    # Fine-tuning from IIC and from random init are compared when both exist.
+    write_finetune(results, "synthetic", 1, "r3d-residual-random-s0", 64.0)
+    md = track_off_build(results)["md"].read_text()
+    assert "fine-tuning top-1 70.0 against 64.0 from random init (+6.0)" in md
+    # Nothing to compare: no lead.
+    empty = track_off_build(settings_for(tmp_path / "empty", "demo"))["md"].read_text()
+    assert "What to look at" not in empty
 
 
 def test_empty_results_still_report(tmp_path):

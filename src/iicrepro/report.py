@@ -5,7 +5,9 @@ are reported as such) and writes:
 * ``results/summary.csv``: long form, one row per number, with the paper's number and the delta;
 * ``results/summary.md``: the paper's tables with our numbers beside them, mean ± std over seeds with
   the margin over random init, pretraining runs, what is missing, and the source files;
-* ``results/plots/*.png``: pretraining loss curves and retrieval top-k curves.
+* ``results/ablation.csv``: the paper's ablation, intra-negative none (CMC) / repeat / shuffle per
+  backbone, view and retrieval feature (and fine-tuning), mean ± std over seeds beside the paper's;
+* ``results/plots/*.png``: pretraining loss curves, retrieval top-k curves and the ablation bars.
 Accuracies are percentages, like the paper's. Fine-tuning results of all three splits of a run are
 also averaged into a ``split = mean`` row, the number the paper's recognition tables report (spec 17).
 """
@@ -62,8 +64,11 @@ def build(settings: Any, mlflow: bool = True) -> dict:
     csv_path, md_path = layout.summary_csv(settings), layout.summary_md(settings)
     with io.atomic_path(csv_path, suffix=".csv") as tmp:
         table.to_csv(tmp, index=False)
-    plots = make_plots(settings, table, curves)
-    io.write_text(md_path, render_md(settings, table, curves, sources, plots))
+    ablation = ablation_table(table)
+    with io.atomic_path(csv_path.with_name("ablation.csv"), suffix=".csv") as tmp:
+        ablation.to_csv(tmp, index=False)
+    plots = make_plots(settings, table, curves) + ablation_plots(settings, ablation)
+    io.write_text(md_path, render_md(settings, table, curves, sources, plots, ablation))
     io.write_json(csv_path.with_name("summary.json"), metrics_tree(table))
     if mlflow and track.tracking_uri(settings):
         logged, pending = track.sync_pending(settings)
@@ -81,7 +86,8 @@ def build(settings: Any, mlflow: bool = True) -> dict:
         if with_paper.any():
             metrics["mean_abs_delta"] = float(table.loc[with_paper, "delta"].abs().mean())
         track.log_summary(settings, artifacts, metrics, table=csv_path)
-    return {"csv": csv_path, "md": md_path, "plots": plots}
+    return {"csv": csv_path, "md": md_path, "plots": plots,
+            "ablation": csv_path.with_name("ablation.csv")}  # fmt: skip
 
 
 def metrics_tree(table) -> dict:
@@ -290,6 +296,145 @@ def make_plots(settings: Any, table, runs: dict) -> list[Path]:
         ax.set_xticks([1, 5, 10, 20, 50], labels=["1", "5", "10", "20", "50"])
         ax.legend(fontsize=7)
         save(fig, f"retrieval_topk_{dataset}.png")
+    return written
+
+
+# --------------------------------------------------------------------------- ablation
+
+# The paper's ablation columns: no intra-negative (CMC) against the two kinds, and random init.
+ABLATION_MODELS = [("none", ""), ("repeat", ""), ("shuffle", ""), ("random", ""),
+                   ("random", "bnrecal")]  # fmt: skip
+ABLATION_LABELS = {("none", ""): "CMC (none)", ("repeat", ""): "IIC repeat",
+                   ("shuffle", ""): "IIC shuffle", ("random", ""): "random init",
+                   ("random", "bnrecal"): "random init (BN recal.)"}  # fmt: skip
+ABLATION_COLUMNS = ["dataset", "protocol", "backbone", "view", "feature", "intra_negative",
+                    "variant", "seeds", "mean", "std", "paper_value"]  # fmt: skip
+FEATURE_ORDER = {"joint": 0, "rgb": 1}  # the paper's feature first; then RGB, then view 2
+
+
+def ablation_table(table):
+    """Top-1 per dataset x protocol x backbone x view x feature x intra-negative, mean and std over
+    seeds, with the paper's number where it has one (retrieval on split 1, fine-tuning as the 3-split
+    mean). Fine-tuning rows use the 3-split mean where a run has all three splits, else split 1."""
+    import pandas as pd
+
+    if table.empty:
+        return pd.DataFrame(columns=ABLATION_COLUMNS)
+    t = table[table["metric"] == "top1"]
+    ret = t[(t["protocol"] == "retrieval") & (t["modality"] != "joint_l2")]
+    ft = t[t["protocol"] == "finetune"]
+    has_mean = set(ft.loc[ft["split"] == "mean", "source"].str.split(";").explode())
+    ft = ft[(ft["split"] == "mean") | ((ft["split"] == "1") & ~ft["source"].isin(has_mean))]
+    rows = []
+    for part in (ret, ft):
+        keys = ["dataset", "protocol", "backbone", "view", "modality", "intra_negative", "variant"]
+        for key, g in part.groupby(keys, sort=False):
+            d = dict(zip(keys, key, strict=True))
+            if (d["intra_negative"], d["variant"]) not in ABLATION_MODELS:
+                continue
+            values = g["value"].astype(float)
+            rows.append({
+                "dataset": d["dataset"], "protocol": d["protocol"], "backbone": d["backbone"],
+                "view": d["view"], "feature": d["modality"] or "finetune",
+                "intra_negative": d["intra_negative"], "variant": d["variant"],
+                "seeds": int(g["seed"].nunique()), "mean": values.mean(),
+                "std": values.std() if len(values) > 1 else float("nan"),
+                "paper_value": g["paper_value"].dropna().iloc[0]
+                if g["paper_value"].notna().any() else float("nan"),
+            })  # fmt: skip
+    out = pd.DataFrame(rows, columns=ABLATION_COLUMNS)
+    if out.empty:
+        return out
+    model = out.apply(lambda r: ABLATION_MODELS.index((r["intra_negative"], r["variant"])), axis=1)
+    feature = out["feature"].map(lambda f: FEATURE_ORDER.get(f, 2 if f != "finetune" else 3))
+    protocol = out["protocol"].map({"retrieval": 0, "finetune": 1})
+    out = out.assign(_p=protocol, _f=feature, _m=model).sort_values(
+        ["dataset", "backbone", "view", "_p", "_f", "_m"], kind="stable"
+    )
+    return out.drop(columns=["_p", "_f", "_m"]).reset_index(drop=True)
+
+
+def _ablation_cell(r) -> str:
+    if r is None:
+        return "—"
+    ours = _fmt(r["mean"]) + ("" if r["std"] != r["std"] else f" ± {r['std']:.1f}")
+    ours += f" ({r['seeds']})"
+    if r["paper_value"] == r["paper_value"]:
+        ours += f" / {_fmt(r['paper_value'])}"
+    return ours
+
+
+def _ablation_md(ablation, dataset: str) -> str:
+    """One row per backbone x view x feature, one column per model (intra-negative)."""
+    a = ablation[ablation["dataset"] == dataset]
+    models = [m for m in ABLATION_MODELS
+              if ((a["intra_negative"] == m[0]) & (a["variant"] == m[1])).any()]  # fmt: skip
+    rows = []
+    for key, g in a.groupby(["protocol", "backbone", "view", "feature"], sort=False):
+        cells = []
+        for neg, variant in models:
+            hit = g[(g["intra_negative"] == neg) & (g["variant"] == variant)]
+            cells.append(_ablation_cell(hit.iloc[0] if len(hit) else None))
+        protocol, backbone, view, feature = key
+        what = "retrieval" if protocol == "retrieval" else "fine-tuning"
+        feature_text = "" if protocol != "retrieval" else f", {feature} feature"
+        rows.append([f"{backbone} · view 2 = {view}", f"{what}{feature_text}", *cells])
+    header = ["backbone · view", "top-1", *(ABLATION_LABELS[m] for m in models)]
+    return _md_table(header, rows)
+
+
+def ablation_plots(settings: Any, ablation) -> list[Path]:
+    """ablation_<dataset>.png: top-1 bars per model (mean, std as error bars) for each backbone,
+    view and the paper's retrieval feature (joint) plus fine-tuning; the paper's values as ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for dataset, a in ablation.groupby("dataset", sort=False):
+        a = a[(a["feature"] == "joint") | (a["protocol"] == "finetune")]
+        if a.empty:
+            continue
+        groups = list(a.groupby(["protocol", "backbone", "view", "feature"], sort=False))
+        models = [m for m in ABLATION_MODELS
+                  if ((a["intra_negative"] == m[0]) & (a["variant"] == m[1])).any()]  # fmt: skip
+        width = 0.8 / len(models)
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) + 2), 4.5))
+        for i, (neg, variant) in enumerate(models):
+            xs, ys, errs, paper_xs, paper_ys = [], [], [], [], []
+            for x, (_, g) in enumerate(groups):
+                hit = g[(g["intra_negative"] == neg) & (g["variant"] == variant)]
+                if hit.empty:
+                    continue
+                r = hit.iloc[0]
+                pos = x - 0.4 + width * (i + 0.5)
+                xs.append(pos)
+                ys.append(r["mean"])
+                errs.append(0.0 if r["std"] != r["std"] else r["std"])
+                if r["paper_value"] == r["paper_value"]:
+                    paper_xs.append(pos)
+                    paper_ys.append(r["paper_value"])
+            bars = ax.bar(
+                xs, ys, width, yerr=errs, capsize=3, label=ABLATION_LABELS[(neg, variant)]
+            )
+            if paper_xs:
+                ax.scatter(paper_xs, paper_ys, marker="_", s=300, lw=2.5, zorder=3,
+                           color=bars.patches[0].get_facecolor())  # fmt: skip
+        labels = [f"{b} {v}\n{'retrieval (joint)' if p == 'retrieval' else 'fine-tuning'}"
+                  for (p, b, v, _), _ in groups]  # fmt: skip
+        ax.set_xticks(range(len(groups)), labels=labels, fontsize=8)
+        title = f"{dataset}: intra-negative ablation, top-1 (mean ± std over seeds)"
+        if any(a["paper_value"].notna()):
+            ax.scatter([], [], marker="_", s=300, lw=2.5, color="grey", label="paper")
+            title += "; ticks: the paper"
+        ax.set(ylabel="top-1 accuracy (%)", title=title)
+        ax.legend(fontsize=7)
+        path = layout.plots(settings) / f"ablation_{dataset}.png"
+        with io.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
     return written
 
 
@@ -554,10 +699,67 @@ def _absent_videos(settings: Any) -> list[str]:
     return lines
 
 
-def render_md(settings: Any, table, runs: dict, sources: list, plots: list[Path]) -> str:
+# The retrieval feature a summary leads with: the paper's (joint) on its datasets; RGB on the
+# synthetic data, where the calibration chose it on validation before any test run
+# (docs/synthetic.md).
+HEADLINE_FEATURE = {"synthetic": "rgb"}
+
+
+def _top1(table, dataset: str, protocol: str, neg: str, variant: str = "", feature: str = ""):
+    t = table[(table["dataset"] == dataset) & (table["protocol"] == protocol)
+              & (table["metric"] == "top1") & (table["intra_negative"] == neg)
+              & (table["variant"] == variant) & (table["split"] != "mean")]  # fmt: skip
+    if feature:
+        t = t[t["modality"] == feature]
+    return t["value"].astype(float).mean() if not t.empty else None
+
+
+def headline(settings: Any, table) -> str:
+    """The summary's first lines: in words, what to look at and what it shows."""
+    dataset = settings["pretrain"]["dataset"]
+    if table.empty or dataset not in set(table["dataset"]):
+        return ""
+    feature = HEADLINE_FEATURE.get(dataset, "joint")
+    chance = ""
+    if dataset == "synthetic":
+        chance = f" (chance {100 / len(settings['synthetic']['classes']):.0f} %)"
+    random = _top1(table, dataset, "retrieval", "random", "bnrecal", feature)
+    baseline = "random init with BatchNorm statistics recalibrated, the stronger baseline"
+    if random is None:
+        random = _top1(table, dataset, "retrieval", "random", "", feature)
+        baseline = "random init"
+    lines = [
+        "**What to look at.** Self-supervised pretraining works if the pretrained network's "
+        "retrieval top-1 (the nearest training video of each test video, by features alone, has "
+        f"its class) is well above that of the same network at random init{chance}, and if "
+        "fine-tuning from it is at least as good as fine-tuning from random init. "
+        f"Headline feature: {feature}. Mean over seeds:\n"
+    ]
+    ft_random = _top1(table, dataset, "finetune", "random")
+    for neg in ("repeat", "shuffle", "none"):
+        ours = _top1(table, dataset, "retrieval", neg, "", feature)
+        if ours is None:
+            continue
+        name = "CMC (no intra-negative)" if neg == "none" else f"IIC {neg}"
+        text = f"* {name}: retrieval top-1 **{ours:.1f}**"
+        if random is not None:
+            text += f" against {random:.1f} for {baseline}: **{ours - random:+.1f} points**"
+        ft = _top1(table, dataset, "finetune", neg)
+        if ft is not None and ft_random is not None:
+            text += (f"; fine-tuning top-1 {ft:.1f} against {ft_random:.1f} from random init "
+                     f"({ft - ft_random:+.1f})")  # fmt: skip
+        lines.append(text + ".\n")
+    return "".join(lines) if len(lines) > 1 else ""
+
+
+def render_md(
+    settings: Any, table, runs: dict, sources: list, plots: list[Path], ablation=None
+) -> str:
     now = datetime.now(UTC).isoformat(timespec="seconds")
+    lead = headline(settings, table)
     parts = [
         "# IIC reproduction: results beside the paper\n",
+        *([lead] if lead else []),
         f"Preset `{settings.get('preset', '')}`, generated {now} by `iicrepro report` "
         f"(code {io.code_version()}). Accuracies in %. Paper numbers: "
         "`src/iicrepro/paper_results.csv` (the paper's and upstream README's tables; its `source` "
@@ -584,6 +786,19 @@ def render_md(settings: Any, table, runs: dict, sources: list, plots: list[Path]
         )
     for dataset in datasets:
         parts.append(f"## {dataset}: mean ± std over seeds\n\n" + _seed_tables(table, dataset))
+    if ablation is None:
+        ablation = ablation_table(table)
+    for dataset in [d for d in datasets if (ablation["dataset"] == d).any()]:
+        paper_note = (" After the `/`: the paper's number (UCF101 retrieval split 1, recognition "
+                      "3-split mean)." if dataset in PAPER_DATASETS else "")  # fmt: skip
+        parts.append(
+            f"## {dataset}: intra-negative ablation (top-1)\n\nThe paper's ablation: the same "
+            "backbone and view pretrained without intra-negatives (CMC) and with each kind, "
+            "beside random init. Mean ± std over seeds (number of seeds)."
+            + paper_note
+            + f" Long form: `ablation.csv`; chart: `plots/ablation_{dataset}.png`.\n\n"
+            + _ablation_md(ablation, dataset)
+        )
     if runs:
         parts.append("## Pretraining runs\n\n" + _pretrain_table(runs))
     parts.append("## Videos left out\n\n" + _exclusions(sources))
