@@ -285,7 +285,7 @@ def test_cli_report_syncs_pending_runs_and_logs_one_summary_run(
     run = summaries[0]
     top = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert top == {"summary.csv", "summary.md", "plots", "summary_table.json"}
-    assert len(client.list_artifacts(run.info.run_id, "plots")) == 4
+    assert len(client.list_artifacts(run.info.run_id, "plots")) == 7  # 4 + 3 ablation charts
     assert run.data.metrics["rows"] == len(pd.read_csv(layout.summary_csv(results)))
     # the grid's size and what it misses, from the one grid definition the workflow uses too
     md = layout.summary_md(results).read_text()
