@@ -1,1 +1,1 @@
-"""Training: self-supervised pretraining, fine-tuning, checkpoints, seeding and devices."""
+"""Training: self-supervised pretraining, fine-tuning, and running them as torchrun jobs (DDP)."""
