@@ -28,8 +28,8 @@ VENV_BIN = ROOT / ".venv" / "bin"
 SKIP = ("data/", "results/", "logs/", ".venv/", ".snakemake/", "mlruns/")
 
 # The demo preset shrunk to seconds per step on 2 cores: 3 motion classes x 3 groups x 2 videos,
-# 2 pretraining epochs (checkpointed every epoch so an interruption has something to resume from),
-# 1 fine-tuning epoch. Every step of the demo still runs; MLflow logging, which has its own tests,
+# a half-width model, 2 pretraining epochs (checkpointed every epoch so an interruption has
+# something to resume from), 1 fine-tuning epoch. Every step of the demo still runs; MLflow logging, which has its own tests,
 # is off to save ~5 s per job.
 SHRUNK_DEMO: dict[str, Any] = {
     "tracking": {"enabled": False},
@@ -40,6 +40,7 @@ SHRUNK_DEMO: dict[str, Any] = {
         "test_groups": 1,
     },
     "clips": {"eval_clips": 2},
+    "model": {"width": 0.125},
     "pretrain": {"epochs": 2, "checkpoint_every": 1, "batch_size": 4, "nce": {"k": 8}},
     "retrieval": {"batch_size": 4},
     "finetune": {"epochs": 1, "batch_size": 4, "val_size": {"synthetic": 3}},

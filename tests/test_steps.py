@@ -130,7 +130,7 @@ def test_pretraining_resume_plan_uses_the_step_settings():
     assert _plan(with_value(settings, "pretrain.workers", 4), *args) == plan
     assert _plan(with_value(settings, "pretrain.checkpoint_every", 7), *args) == plan
     other = _plan(with_value(settings, "pretrain.nce.k", 32), *args)
-    assert steps.differences(plan, other) == "nce: {'k': 64, 'momentum': 0.5, " + (
+    assert steps.differences(plan, other) == "nce: {'k': 128, 'momentum': 0.5, " + (
         "'normalize_features': True, 't': 0.1} -> {'k': 32, 'momentum': 0.5, "
         "'normalize_features': True, 't': 0.1}"
     )
