@@ -1,0 +1,183 @@
+"""The bounded calibration search behind the `proof-shortcut` preset (docs/synthetic-shortcut.md).
+
+Each named setting below is the `proof-shortcut` preset with a few knobs changed (data, epochs,
+K, T, seeds). A setting runs as its own small project: a folder holding params.yaml (this
+repository's, plus a preset `search` = proof-shortcut + the setting) and links to the workflow,
+run by the real Snakemake workflow with one thread per job, then `iicrepro report`. Its retrieval
+top-1 rows are appended to OUT/search.csv with the setting's knobs, so every row says how it was made.
+
+    PYTHONPATH=$PWD/src PATH=$PWD/.venv/bin:$PATH \\
+        nice python scripts/shortcut_search.py OUT screen-s1.0 screen-s0.3 --cores 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCREEN = {"seeds": [0], "intra_negatives": ["repeat", "none"]}
+# name -> overrides of the proof-shortcut preset. Seeds 0..2 are the ones the preset runs.
+SETTINGS: dict[str, dict] = {
+    # screening, seed 0: how strong a colour shortcut still leaves motion to learn
+    "screen-s1.0": {"synthetic": {"shortcut": 1.0}, "pretrain": SCREEN},
+    "screen-s0.5": {"synthetic": {"shortcut": 0.5}, "pretrain": SCREEN},
+    "screen-s0.3": {"synthetic": {"shortcut": 0.3}, "pretrain": SCREEN},
+    # the preset itself, 3 seeds
+    "preset": {},
+}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def prepare(out: Path, name: str) -> tuple[Path, dict]:
+    """OUT/<name>/ with params.yaml selecting preset `search`; returns it and the resolved settings."""
+    from iicrepro import config
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    preset = config.preset_overrides(raw["presets"], "proof-shortcut")
+    preset = _merge(preset, SETTINGS[name])
+    merged = config.resolve({**raw, "presets": {**raw["presets"], "search": preset}}, "search")
+    # Settings that share synthetic data share its folder.
+    data_key = json.dumps(merged["synthetic"], sort_keys=True)
+    data = out / "data" / hashlib.sha256(data_key.encode()).hexdigest()[:10]
+    preset["paths"] = {"data": str(data), "results": "results"}
+    raw["presets"]["search"] = preset
+    raw["preset"] = "search"
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    for link in ("Snakefile", "workflow", "profiles"):
+        if not (folder / link).exists():
+            (folder / link).symlink_to(ROOT / link)
+    return folder, config.load(folder / "params.yaml")
+
+
+def run(folder: Path, cores: int) -> float:
+    start = time.perf_counter()
+    one = ["pretrain=1", "retrieve=1", "retrieve_bnrecal=1", "frames=1", "synthesize=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["snakemake", "--cores", str(cores), "--set-threads", *one]
+    with open(folder / "snakemake.log", "w") as log:
+        subprocess.run(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(["iicrepro", "report", "--no-mlflow"], cwd=folder, env=env, stdout=log,
+                       stderr=subprocess.STDOUT, check=True)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def collect(out: Path, name: str, folder: Path, settings, wall: float) -> None:
+    knobs = {
+        "shortcut": settings["synthetic"]["shortcut"],
+        "train_videos": settings["synthetic"]["videos_per_group"]
+        * (settings["synthetic"]["groups"] - settings["synthetic"]["test_groups"])
+        * len(settings["synthetic"]["classes"]),
+        "epochs": settings["pretrain"]["epochs"],
+        "k": settings["pretrain"]["nce"]["k"],
+        "t": settings["pretrain"]["nce"]["t"],
+        "width": settings["model"]["width"],
+    }
+    path = out / "search.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["setting", *knobs, "model", "seed", "modality", "top1", "wall_s"])
+        with open(folder / "results" / "summary.csv") as s:
+            for row in csv.DictReader(s):
+                if row["protocol"] != "retrieval" or row["metric"] != "top1":
+                    continue
+                model = row["intra_negative"] + (f"-{row['variant']}" if row["variant"] else "")
+                w.writerow([name, *knobs.values(), model, row["seed"], row["modality"],
+                            f"{float(row['value']):.1f}", f"{wall:.0f}"])  # fmt: skip
+
+
+def snapshots(out: Path, name: str) -> None:
+    """Retrieval top-1 of each run's latest resume checkpoint (ckpt/last.pt, written every
+    pretrain.checkpoint_every epochs) and of random init, while the runs go on: a learning curve
+    at the cost of one retrieval each. Rows go to OUT/snapshots.csv."""
+    import torch
+
+    folder = out / name
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = sorted((folder / "results" / "pretrain" / "synthetic").glob("*"))
+    jobs = []
+    for run in runs:
+        init = torch.load(run / "init.pt", weights_only=True, map_location="cpu")
+        if run.name.endswith("repeat-s" + run.name.rsplit("-s", 1)[1]):
+            jobs += [(run.name.replace("repeat", "random"), 0, run / "init.pt", bn)
+                     for bn in ("as-initialised", "recalibrate")]  # fmt: skip
+        last = run / "ckpt" / "last.pt"
+        if not last.is_file():
+            continue
+        state = torch.load(last, weights_only=True, map_location="cpu")
+        snap = folder / "snapshots" / f"{run.name}-e{state['epoch']}.pt"
+        if not snap.exists():
+            snap.parent.mkdir(parents=True, exist_ok=True)
+            keep = {k: init[k] for k in init if k not in ("model",)}
+            torch.save({**keep, "model": state["model"]}, snap)
+        jobs.append((run.name, state["epoch"], snap, "as-initialised"))
+    path = out / "snapshots.csv"
+    done = set()
+    if path.exists():
+        with open(path) as f:
+            done = {(r["setting"], r["run"], r["epoch"], r["bn"]) for r in csv.DictReader(f)}
+    for run, epoch, ckpt, bn in jobs:
+        if (name, run, str(epoch), bn) in done:
+            continue
+        dest = folder / "snapshots" / f"{run}-e{epoch}-{bn}"
+        cmd = ["iicrepro", "retrieve", "--checkpoint", str(ckpt), "--dataset", "synthetic",
+               "--view", "residual", "--bn", bn, "--out", str(dest)]  # fmt: skip
+        subprocess.run(cmd, cwd=folder, env=env, check=True, capture_output=True)
+        rows = json.loads((dest / "metrics.json").read_text())["rows"]
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["setting", "run", "epoch", "bn", "modality", "top1"])
+            for r in rows:
+                if r["metric"] == "top1":
+                    w.writerow([name, run, epoch, bn, r["modality"], f"{r['value']:.1f}"])
+        print(f"{name} {run} epoch {epoch} ({bn}): done", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("settings", nargs="+", choices=sorted(SETTINGS))
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="only evaluate the runs' latest checkpoints (while they run)",
+    )
+    args = parser.parse_args()
+    out = args.out.resolve()
+    if args.snapshots:
+        for name in args.settings:
+            snapshots(out, name)
+        return 0
+    for name in args.settings:
+        folder, settings = prepare(out, name)
+        wall = run(folder, args.cores)
+        collect(out, name, folder, settings, wall)
+        print(f"{name}: done in {wall:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
