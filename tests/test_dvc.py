@@ -139,3 +139,23 @@ def test_experiment_reruns_only_what_the_setting_changes(clone):
     (exp,) = [run["revs"][0] for run in baseline["experiments"]]
     presets = exp["data"]["params"]["params.yaml"]["data"]["presets"]
     assert presets["demo"]["retrieval"]["conv_pool"] is True
+
+
+@pytest.mark.slow
+def test_a_code_change_reaches_snakemake_which_decides(repro, tmp_path):
+    """The stage depends on the package source: after an edit `dvc status` shows it changed, and
+    `dvc repro` starts Snakemake, which reruns nothing for a comment (the stage stays a no-op)."""
+    import shutil
+
+    project = Project(tmp_path / "copy")
+    shutil.copytree(repro[0].root, project.root, symlinks=True)
+    assert "up to date" in project.run("dvc", "status", timeout=120).stdout
+    module = project.path("src/iicrepro/method/memory_bank.py")
+    module.write_text(module.read_text() + "\n# a comment only\n")
+    status = project.run("dvc", "status", timeout=120).stdout
+    assert "changed deps" in status and "src/iicrepro" in status, status
+    before = dvc_tracked(project.snapshot(*DVC_FOLDERS))
+    out = project.run("dvc", "repro", timeout=600)
+    assert "Nothing to be done" in out.stdout + out.stderr  # Snakemake ran and had nothing to do
+    assert dvc_tracked(project.snapshot(*DVC_FOLDERS)) == before
+    assert "up to date" in project.run("dvc", "status", timeout=120).stdout
