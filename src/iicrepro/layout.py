@@ -150,6 +150,16 @@ def summary_md(settings: Any) -> Path:
     return _results(settings) / "summary.md"
 
 
+def headline(settings: Any) -> Path:
+    """A preset's headline numbers for DVC (`dvc metrics`, `dvc exp show`), named by the preset."""
+    return _results(settings) / f"metrics-{settings['preset']}.json"
+
+
+def curves(settings: Any) -> Path:
+    """Per-run curves as CSV data files for `dvc plots`: pretrain/, retrieval/, finetune/."""
+    return _results(settings) / "curves"
+
+
 def plots(settings: Any) -> Path:
     return _results(settings) / "plots"
 

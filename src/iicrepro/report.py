@@ -7,7 +7,9 @@ are reported as such) and writes:
   the margin over random init, pretraining runs, what is missing, and the source files;
 * ``results/ablation.csv``: the paper's ablation, intra-negative none (CMC) / repeat / shuffle per
   backbone, view and retrieval feature (and fine-tuning), mean ± std over seeds beside the paper's;
-* ``results/plots/*.png``: pretraining loss curves, retrieval top-k curves and the ablation bars.
+* ``results/plots/*.png``: pretraining loss curves, retrieval top-k curves and the ablation bars;
+* ``results/metrics-<preset>.json`` and ``results/curves/``: headline numbers and per-run curves for
+  DVC (`iicrepro.headline`).
 Accuracies are percentages, like the paper's. Fine-tuning results of all three splits of a run are
 also averaged into a ``split = mean`` row, the number the paper's recognition tables report (spec 17).
 """
@@ -21,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from iicrepro import fingerprint, grid, io, layout, paper, track
+from iicrepro import fingerprint, grid, headline, io, layout, paper, track
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ def build(settings: Any, mlflow: bool = True) -> dict:
     plots = make_plots(settings, table, curves) + ablation_plots(settings, ablation)
     io.write_text(md_path, render_md(settings, table, curves, sources, plots, ablation))
     io.write_json(csv_path.with_name("summary.json"), metrics_tree(table))
+    headline.write(settings, table, curves)
     if mlflow and track.tracking_uri(settings):
         logged, pending = track.sync_pending(settings)
         if logged or pending:

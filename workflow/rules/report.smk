@@ -23,6 +23,9 @@ rule report:
             category="Plots",
             caption="../report/plots.rst",
         ),
+        # for DVC: the preset's headline numbers and per-run curves (iicrepro.headline)
+        headline=layout.headline(SETTINGS),
+        curves=directory(layout.curves(SETTINGS)),
     log:
         log_file("report", "summary"),
     conda:
