@@ -94,7 +94,8 @@ def build(settings: Any, mlflow: bool = True) -> dict:
 
 
 def metrics_tree(table) -> dict:
-    """summary.csv as nested JSON for `dvc metrics`: protocol / dataset / run / metric -> value."""
+    """summary.csv as nested JSON (protocol / dataset / run / metric -> value), every number; DVC
+    reads the compact `iicrepro.headline` file instead."""
     tree: dict = {}
     for row in table.to_dict("records"):
         run = f"{row['backbone']}-{row['view']}-{row['intra_negative']}-s{row['seed']}"

@@ -574,11 +574,13 @@ def _view_state(protocol: str) -> str | None:
 
 
 def _describe(client, exp_id: str, protocol: str) -> None:
+    # a training experiment: the UI opens on its runs, not on the GenAI traces overview
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
     view = _view_state(protocol)
     note = GUIDE.get(protocol, "")
     if view:
         client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", view)
-        link = f"#/experiments/{exp_id}?viewStateShareKey={VIEW_KEY}"
+        link = f"#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}"
         note = f"**[Open the comparison view]({link})** (runs table, headline columns). {note}"
     if note:
         client.set_experiment_tag(exp_id, "mlflow.note.content", note)
