@@ -469,7 +469,7 @@ def test_a_workflow_execution_is_a_parent_run_with_a_child_run_per_job(tmp_path,
     env = project.env(MLFLOW_TRACKING_URI=uri, PATH="/usr/bin:/bin")  # no venv on PATH
     env.pop("VIRTUAL_ENV", None)
     env.pop(track.WORKFLOW_ENV, None)
-    project.run("timeout", "900", ".venv/bin/snakemake", "--cores", "2", env=env, timeout=900)
+    project.run("timeout", "1800", ".venv/bin/snakemake", "--cores", "2", env=env, timeout=1800)
 
     c = client_for(uri)
     names = {e.name for e in c.search_experiments()}
@@ -494,8 +494,8 @@ def test_a_workflow_execution_is_a_parent_run_with_a_child_run_per_job(tmp_path,
     assert len(parents) == 1
 
     # A second execution: the retrieval jobs rerun as children of a new parent; nothing is lost.
-    project.run("timeout", "900", ".venv/bin/snakemake", "--cores", "2", "--forcerun",
-                "retrieve", env=env, timeout=900)  # fmt: skip
+    project.run("timeout", "1800", ".venv/bin/snakemake", "--cores", "2", "--forcerun",
+                "retrieve", env=env, timeout=1800)  # fmt: skip
     again = runs_of(uri, "iicrepro/demo/retrieval", "tags.protocol = 'retrieval'")
     assert len(again) == 4 and {r.info.run_id for r in evaluations} & {r.info.run_id for r in again}
     parents = runs_of(uri, "iicrepro/demo/retrieval", "tags.`iicrepro.role` = 'workflow'")
