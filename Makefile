@@ -55,4 +55,5 @@ format: venv
 
 # MLflow UI on the embedded SQLite store.
 ui: venv
+	@echo "MLflow UI at http://127.0.0.1:5000: each experiment's page links its comparison view (docs/mlflow.md)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
