@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from iicrepro import fingerprint, grid, headline, io, layout, paper, track
+from iicrepro import fingerprint, grid, io, layout, paper, track
+from iicrepro import headline as dvc_files  # DVC's metrics and curves
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def build(settings: Any, mlflow: bool = True) -> dict:
     plots = make_plots(settings, table, curves) + ablation_plots(settings, ablation)
     io.write_text(md_path, render_md(settings, table, curves, sources, plots, ablation))
     io.write_json(csv_path.with_name("summary.json"), metrics_tree(table))
-    headline.write(settings, table, curves)
+    dvc_files.write(settings, table, curves)
     if mlflow and track.tracking_uri(settings):
         logged, pending = track.sync_pending(settings)
         if logged or pending:
