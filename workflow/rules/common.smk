@@ -78,8 +78,11 @@ RUN = layout.run_name("{backbone}", "{view}", "{neg}", "{seed}")
 BNRECAL_RUN = f"{RUN}-bnrecal"  # random init, BatchNorm statistics recalibrated
 
 
-# Prefix of every rule's shell command: the step's MLflow run records its rule and log file.
-JOB = f"{track.RULE_ENV}={{rule}} {track.LOG_ENV}={{log}} "
+def job(rule_name):
+    """Prefix of a rule's shell command: the step's MLflow run records its rule and log file.
+    The rule is named here rather than through `{rule}`, which `snakemake --lint` flags.
+    """
+    return f"{track.RULE_ENV}={rule_name} {track.LOG_ENV}={{log}} "
 
 
 def log_file(step, *parts):

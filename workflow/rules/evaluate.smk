@@ -21,7 +21,8 @@ rule retrieve:
         code=CODE["retrieve"],
         out=retrieval_dir("{dataset}", RUN),
     shell:
-        JOB + "iicrepro retrieve --params params.yaml --preset {params.preset}"
+        job("retrieve")
+        + "iicrepro retrieve --params params.yaml --preset {params.preset}"
         " --checkpoint {input.checkpoint} --dataset {wildcards.dataset}"
         " --view {wildcards.view} --out {params.out} > {log} 2>&1"
 
@@ -48,7 +49,8 @@ rule retrieve_bnrecal:
         code=CODE["retrieve_bnrecal"],
         out=retrieval_dir("{dataset}", BNRECAL_RUN),
     shell:
-        JOB + "iicrepro retrieve --params params.yaml --preset {params.preset}"
+        job("retrieve_bnrecal")
+        + "iicrepro retrieve --params params.yaml --preset {params.preset}"
         " --checkpoint {input.checkpoint} --dataset {wildcards.dataset}"
         " --view {wildcards.view} --bn recalibrate --out {params.out} > {log} 2>&1"
 
@@ -74,7 +76,8 @@ rule finetune:
         init=init_name,
         out=finetune_dir("{dataset}", "{split}", RUN),
     shell:
-        JOB + "iicrepro finetune --params params.yaml --preset {params.preset}"
+        job("finetune")
+        + "iicrepro finetune --params params.yaml --preset {params.preset}"
         " --backbone {wildcards.backbone} --view {wildcards.view} --init {params.init}"
         " --checkpoint {input.checkpoint} --dataset {wildcards.dataset}"
         " --split {wildcards.split} --seed {wildcards.seed} --out {params.out} > {log} 2>&1"

@@ -23,6 +23,7 @@ rule pretrain:
         settings=result_settings("pretrain"),
         code=CODE["pretrain"],
     shell:
-        JOB + "iicrepro pretrain --params params.yaml --preset {params.preset}"
+        job("pretrain")
+        + "iicrepro pretrain --params params.yaml --preset {params.preset}"
         " --backbone {wildcards.backbone} --view {wildcards.view}"
         " --intra-negative {wildcards.neg} --seed {wildcards.seed} > {log} 2>&1"

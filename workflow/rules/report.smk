@@ -36,4 +36,5 @@ rule report:
         settings=result_settings("report"),
         code=CODE["report"],
     shell:
-        JOB + "iicrepro report --params params.yaml --preset {params.preset} > {log} 2>&1"
+        job("report")
+        + "iicrepro report --params params.yaml --preset {params.preset} > {log} 2>&1"
