@@ -16,7 +16,7 @@ import pytest
 from small_fs import fill, resize, small_filesystem
 from videos import moving_pattern, write_video
 
-from iicrepro import cli, layout
+from iicrepro import cli, config, layout
 from iicrepro.data.frames import FrameStore, save_frames, write_index
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -62,7 +62,9 @@ def test_synthesize(tmp_path, capsys):
         argv = ["synthesize", "--set", f"paths.data={mnt}/data", "--workers", "2"]
         rc, err, _ = run(capsys, *argv)
         assert_one_clear_error(rc, err, mnt)
-        assert "needed for 240 videos and their archive" in err
+        demo = config.load(Path(__file__).parents[1] / "params.yaml", preset="demo").synthetic
+        videos = len(demo.classes) * demo.groups * demo.videos_per_group
+        assert f"needed for {videos} videos and their archive" in err
         source = mnt / "data" / "synthetic-source"
         assert not (source / "SHA256SUMS").exists() and no_temporaries(mnt)
         resize(mnt, 32 * MiB)
