@@ -358,7 +358,7 @@ def check_expansion(path: Path, members: list[Member]) -> None:
     declared = sum(m.size for m in members)
     packed = max(Path(path).stat().st_size, 1)
     if declared > EXPANSION_FREE_BYTES and declared > MAX_EXPANSION * packed:
-        from iicrepro.data.fetch import human
+        from iicrepro.io import human_bytes as human
 
         raise UserError(
             f"refusing to extract {path}: its members declare {human(declared)} of contents, "

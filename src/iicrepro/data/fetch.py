@@ -37,21 +37,21 @@ from urllib.parse import unquote, urlparse
 
 from iicrepro import __version__, layout
 from iicrepro.errors import UserError
-from iicrepro.io import NO_SPACE_ERRNOS, OutOfSpace, read_json, sha256_file, write_json, write_text
+from iicrepro.io import (
+    NO_SPACE_ERRNOS,
+    OutOfSpace,
+    read_json,
+    sha256_file,
+    write_json,
+    write_text,
+)
+from iicrepro.io import human_bytes as human
 
 USER_AGENT = f"iicrepro/{__version__} (dataset fetch; urllib)"
 
 
 class _Retry(Exception):
     """A transient failure: the attempt may succeed when repeated."""
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
 
 
 def _suffixed(dest: Path, suffix: str) -> Path:
