@@ -17,8 +17,14 @@ def session_mlflow_uri(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _isolated_tracking(session_mlflow_uri, monkeypatch):
-    """Steps run by tests log here unless a test sets MLFLOW_TRACKING_URI itself."""
+    """Steps run by tests log here unless a test sets MLFLOW_TRACKING_URI itself. A test that
+    sets mlflow's process-wide URI (``mlflow.set_tracking_uri``) has it reset afterwards: it
+    overrides the environment variable, so it would leak into every later test."""
+    import mlflow
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", session_mlflow_uri)
+    yield
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")
