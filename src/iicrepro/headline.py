@@ -4,12 +4,16 @@ Written by `iicrepro report` beside the results table; dvc.yaml lists them (``me
 ``plots:`` with x / y), so ``dvc metrics diff``, ``dvc exp show`` and ``dvc plots diff`` compare
 experiments by these files:
 
-* ``<results>/metrics-<preset>.json`` (`layout.headline`): a few dozen short keys,
-  ``<dataset>.<init>.top1`` / ``.top5`` (retrieval, joint modality: RGB + view 2 features, or RGB for
-  the rgb view) and ``<dataset>.<init>.ft`` (fine-tuning video top-1, the mean over splits), each the
-  mean over the preset's runs of that init (backbones, views, intra-negatives, seeds); init is
-  ``iic``, ``cmc``, ``random`` or ``random_bn`` (random init with BatchNorm recalibrated); and
-  ``pretrain.loss`` / ``pretrain.chance`` (mean final pretraining loss and its chance level).
+* ``<results>/metrics-<preset>.json`` (`layout.headline`): the headline numbers under short keys,
+  so that ``dvc exp show --only-changed`` shows them and the changed setting in a 120-column
+  terminal. ``top1.<init>``: retrieval top-1 on the headline feature (joint: RGB + view 2, or RGB
+  for the rgb view); ``ft.<init>``: fine-tuning video top-1 (the mean over splits). Each is the mean
+  over the preset's runs of that init (backbones, views, intra-negatives, seeds). Inits: ``iic``
+  (repeat / shuffle), ``cmc`` (no intra-negative) and ``rand``, random init: for retrieval with
+  its BatchNorm statistics recalibrated, the stronger baseline (the as-initialised one is in
+  summary.csv). A preset that evaluates several datasets has a level per dataset
+  (``top1.ucf101.iic``). Everything else (top-5..50, per-model rows, losses) is in summary.csv
+  and the curves.
 * ``<results>/curves/pretrain/<dataset>_<run>.csv`` (epoch, loss, positive_rank1),
   ``curves/finetune/<dataset>_split<k>_<run>.csv`` (epoch, train/val loss and accuracy) and
   ``curves/retrieval/<dataset>_<run>.csv`` (k, top-k accuracy of rgb, view 2 as ``view``, joint).
@@ -27,32 +31,34 @@ PRETRAIN_COLUMNS = ["epoch", "loss", "positive_rank1"]
 FINETUNE_COLUMNS = ["epoch", "train_loss", "val_loss", "train_acc", "val_acc"]
 
 
-def _init(row) -> str:
-    return "random_bn" if row["init"] == "random" and row["variant"] == "bnrecal" else row["init"]
+def _init(row) -> str | None:
+    """The headline's name for a row's init, None for rows the headline leaves out."""
+    if row["protocol"] == "retrieval" and row["init"] == "random":
+        return "rand" if row["variant"] == "bnrecal" else None
+    if row["variant"]:  # another seed's fine-tuning input and the like
+        return None
+    return {"iic": "iic", "cmc": "cmc", "random": "rand"}.get(row["init"])
 
 
-def headline(table, runs: dict) -> dict:
+def headline(table) -> dict:
     """The compact metrics tree (see the module docstring)."""
     tree: dict = {}
-    if not table.empty:
-        ret = table[(table["protocol"] == "retrieval") & table["metric"].isin(["top1", "top5"])]
-        ret = ret[ret["variant"].isin(["", "bnrecal"])]  # not another fine-tuning input or seed
-        ret = ret[ret["modality"] == ret["view"].map(lambda v: "rgb" if v == "rgb" else "joint")]
-        ft = table[(table["protocol"] == "finetune") & (table["variant"] == "")]
-        for (dataset, init, metric), g in ret.groupby(
-            [ret["dataset"], ret.apply(_init, axis=1), ret["metric"]]
-        ):
-            tree.setdefault(dataset, {}).setdefault(init, {})[metric] = round(g["value"].mean(), 2)
-        for (dataset, init), g in ft.groupby(["dataset", "init"]):
-            means = g[g["split"] == "mean"]  # the paper's number; else the preset's splits
-            value = (means if len(means) else g)["value"].mean()
-            tree.setdefault(dataset, {}).setdefault(init, {})["ft"] = round(float(value), 2)
-    finals = [r["final"] for r in runs.values() if r["final"].get("final_loss") is not None]
-    if finals:
-        tree["pretrain"] = {
-            "loss": round(sum(f["final_loss"] for f in finals) / len(finals), 4),
-            "chance": round(sum(f.get("chance_loss", 0.0) for f in finals) / len(finals), 4),
-        }
+    if table.empty:
+        return tree
+    ret = table[(table["protocol"] == "retrieval") & (table["metric"] == "top1")]
+    ret = ret[ret["modality"] == ret["view"].map(lambda v: "rgb" if v == "rgb" else "joint")]
+    ft = table[table["protocol"] == "finetune"]
+    if (ft["split"] == "mean").any():  # the paper's number; else the preset's one split
+        ft = ft[ft["split"] == "mean"]
+    several = len(set(ret["dataset"]) | set(ft["dataset"])) > 1
+    for measure, rows in (("top1", ret), ("ft", ft)):
+        if rows.empty:
+            continue
+        inits = rows.apply(_init, axis=1)
+        for (dataset, init), g in rows.groupby([rows["dataset"], inits]):
+            node = tree.setdefault(measure, {})
+            node = node.setdefault(dataset, {}) if several else node
+            node[init] = round(float(g["value"].mean()), 2)
     return tree
 
 
@@ -97,5 +103,5 @@ def write(settings: Any, table, runs: dict) -> list[Path]:
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     metrics_path = layout.headline(settings)
-    io.write_json(metrics_path, headline(table, runs))
+    io.write_json(metrics_path, headline(table))
     return [metrics_path, *sorted(out.rglob("*.csv"))]
