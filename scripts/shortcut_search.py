@@ -27,15 +27,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 SCREEN = {"seeds": [0], "intra_negatives": ["repeat", "none"]}
-# name -> overrides of the proof-shortcut preset. Seeds 0..2 are the ones the preset runs.
-SETTINGS: dict[str, dict] = {
+SPREADS = ("1.0", "0.5", "0.3")
+# name -> (folder, overrides of the proof-shortcut preset). A setting's `seeds-` sibling shares
+# its folder: the screen's seed-0 runs are reused (grid lists do not decide a job's result).
+SETTINGS: dict[str, tuple[str, dict]] = {}
+for _s in SPREADS:
     # screening, seed 0: how strong a colour shortcut still leaves motion to learn
-    "screen-s1.0": {"synthetic": {"shortcut": 1.0}, "pretrain": SCREEN},
-    "screen-s0.5": {"synthetic": {"shortcut": 0.5}, "pretrain": SCREEN},
-    "screen-s0.3": {"synthetic": {"shortcut": 0.3}, "pretrain": SCREEN},
-    # the preset itself, 3 seeds
-    "preset": {},
-}
+    SETTINGS[f"screen-s{_s}"] = (
+        f"s{_s}",
+        {"synthetic": {"shortcut": float(_s)}, "pretrain": SCREEN},
+    )
+    # the preset's seeds 0, 1, 2 and intra-negatives repeat / shuffle / none at that spread
+    SETTINGS[f"seeds-s{_s}"] = (f"s{_s}", {"synthetic": {"shortcut": float(_s)}})
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -51,7 +54,8 @@ def prepare(out: Path, name: str) -> tuple[Path, dict]:
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     preset = config.preset_overrides(raw["presets"], "proof-shortcut")
-    preset = _merge(preset, SETTINGS[name])
+    folder_name, overrides = SETTINGS[name]
+    preset = _merge(preset, overrides)
     merged = config.resolve({**raw, "presets": {**raw["presets"], "search": preset}}, "search")
     # Settings that share synthetic data share its folder.
     data_key = json.dumps(merged["synthetic"], sort_keys=True)
@@ -59,7 +63,7 @@ def prepare(out: Path, name: str) -> tuple[Path, dict]:
     preset["paths"] = {"data": str(data), "results": "results"}
     raw["presets"]["search"] = preset
     raw["preset"] = "search"
-    folder = out / name
+    folder = out / folder_name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for link in ("Snakefile", "workflow", "profiles"):
@@ -112,7 +116,7 @@ def snapshots(out: Path, name: str) -> None:
     at the cost of one retrieval each. Rows go to OUT/snapshots.csv."""
     import torch
 
-    folder = out / name
+    folder = out / SETTINGS[name][0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = sorted((folder / "results" / "pretrain" / "synthetic").glob("*"))
     jobs = []

@@ -278,6 +278,31 @@ def test_parent_run_per_workflow_children_per_job_and_lineage(tmp_path, store, m
     assert len(runs_of(uri, "iicrepro/demo/retrieval", "tags.`iicrepro.role` = 'workflow'")) == 2
     assert len(runs_of(uri, "iicrepro/demo/retrieval", "tags.protocol = 'retrieval'")) == 3
 
+    # The saved comparison view: its search lists the jobs' runs without their parents, and its
+    # charts and columns name metrics the runs have (the curves first, not the final_* bars).
+    for protocol, children in (("pretrain", 1), ("retrieval", 3)):
+        exp = c.get_experiment_by_name(f"iicrepro/demo/{protocol}")
+        view = json.loads(exp.tags[f"mlflow.sharedViewState.{track.VIEW_KEY}"])
+        assert "viewStateShareKey=compare" in exp.tags["mlflow.note.content"]
+        shown = c.search_runs([exp.experiment_id], view["searchFilter"])
+        assert len(shown) == children
+        assert all(track.ROLE_TAG not in r.data.tags for r in shown)
+        logged = set().union(*(r.data.metrics for r in shown))
+        charts = view["compareRunCharts"]
+        keys = [k for ch in charts for k in ch.get("selectedMetrics", [ch.get("metricKey")])]
+        assert set(keys) <= logged, (keys, logged)
+        assert {col.split("`")[1] for col in view["selectedColumns"] if col.startswith("metrics.")}
+        assert set(charts[0].get("selectedParams", [])) <= set(shown[0].data.params)
+    assert json.loads(c.get_experiment_by_name("iicrepro/demo/pretrain").tags[
+        f"mlflow.sharedViewState.{track.VIEW_KEY}"])["compareRunCharts"][0]["metricKey"] == "loss"  # fmt: skip
+
+    # A store made by older code gets the current view when a run is next logged to it.
+    exp = c.get_experiment_by_name("iicrepro/demo/retrieval")
+    c.set_experiment_tag(exp.experiment_id, f"mlflow.sharedViewState.{track.VIEW_KEY}", "{}")
+    track.log_retrieval(s, layout.retrieval_dir(s, "synthetic", "r3d-residual-repeat-s0"))
+    exp = c.get_experiment_by_name("iicrepro/demo/retrieval")
+    assert exp.tags[f"mlflow.sharedViewState.{track.VIEW_KEY}"] != "{}"
+
 
 def test_documented_searches_slice_the_grid(tmp_path, store):
     """The searches docs/mlflow.md suggests for the UI's search box."""

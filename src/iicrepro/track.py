@@ -545,6 +545,18 @@ VIEWS = {
     "retrieval": (("joint.top1", "joint.top5", "rgb.top1", "residual.top1"), "joint.top1", False),
     "finetune": (("top1", "clip_top1", "val_acc"), "top1", False),
 }
+# The saved view's first charts (its chart view); MLflow appends a chart per other metric after
+# them. Per-epoch curves come first, not the one-point `final_*` bars.
+CHARTS = {
+    "pretrain": [("LINE", "loss"), ("LINE", "positive_rank1"), ("LINE", "lr")],
+    "retrieval": [("PARALLEL", ("init", "intra_negative"), "joint.top1"), ("BAR", "joint.top1")],
+    "finetune": [
+        ("LINE", "val_acc"),
+        ("LINE", "val_loss"),
+        ("LINE", "train_loss"),
+        ("BAR", "top1"),
+    ],
+}
 GUIDE = {
     "pretrain": "Pretraining runs, one per execution (children of a `workflow` run). Chart view: "
     "`loss` per epoch against `chance_loss`. Search e.g. `params.view = 'residual' and "
@@ -559,17 +571,39 @@ GUIDE = {
 }
 
 
+def _chart(spec: tuple, section: str, i: int) -> dict:
+    """One chart card in the shape MLflow's UI stores in a shared view state."""
+    card = {"uuid": f"iicrepro-chart-{i}", "type": spec[0], "runsCountToCompare": 20,
+            "metricSectionId": section, "deleted": False, "isGenerated": False}  # fmt: skip
+    if spec[0] == "PARALLEL":
+        return {**card, "selectedParams": list(spec[1]), "selectedMetrics": [spec[2]],
+                "showAllRuns": True, "displayName": f"{', '.join(spec[1])} -> {spec[2]}"}  # fmt: skip
+    card.update(metricKey=spec[1], displayName=spec[1])
+    if spec[0] == "LINE":
+        card.update(lineSmoothness=0, xAxisScaleType="linear", scaleType="linear",
+                    range={}, xAxisKey="step", selectedXAxisMetricKey="", yAxisKey="metric",
+                    yAxisExpressions=[], ignoreOutliers=False, useGlobalXaxisKey=True,
+                    useGlobalLineSmoothing=True)  # fmt: skip
+    return card
+
+
 def _view_state(protocol: str) -> str | None:
-    """The saved view: identity params and headline metrics as columns, sorted by the headline."""
+    """The saved view: the jobs' runs (not their `workflow` parents) with identity params and
+    headline metrics as columns, sorted by the headline; its chart view opens on the curves."""
     if protocol not in VIEWS:
         return None
     metrics, order, ascending = VIEWS[protocol]
+    section = "iicrepro-section-metrics"  # reordered: MLflow appends the other charts after ours
     return json.dumps({
-        "searchFilter": "",
+        "searchFilter": f"tags.protocol = '{protocol}'",
         "orderByKey": f"metrics.`{order}`",
         "orderByAsc": ascending,
         "selectedColumns": [f"params.`{p}`" for p in IDENTITY_COLUMNS]
         + [f"metrics.`{m}`" for m in metrics],
+        "runsHiddenMode": "SHOW_ALL",
+        "compareRunSections": [{"uuid": section, "name": "Model metrics", "display": True,
+                                "isReordered": True, "deleted": False, "isGenerated": True}],
+        "compareRunCharts": [_chart(c, section, i) for i, c in enumerate(CHARTS[protocol])],
     })  # fmt: skip
 
 
@@ -581,9 +615,16 @@ def _describe(client, exp_id: str, protocol: str) -> None:
     if view:
         client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", view)
         link = f"#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}"
-        note = f"**[Open the comparison view]({link})** (runs table, headline columns). {note}"
+        note = (f"**[Open the comparison view]({link})** (the jobs' runs, headline columns; its "
+                f"chart view: the curves). {note}")  # fmt: skip
     if note:
         client.set_experiment_tag(exp_id, "mlflow.note.content", note)
+
+
+def refresh_views(client) -> None:
+    """Give every iicrepro experiment in the store the current saved view and page note."""
+    for exp in client.search_experiments(filter_string="name LIKE 'iicrepro/%'", max_results=1000):
+        _describe(client, exp.experiment_id, exp.name.rsplit("/", 1)[-1])
 
 
 def _experiment_id(client, name: str, db: Path | None) -> str:
@@ -603,6 +644,9 @@ def _experiment_id(client, name: str, db: Path | None) -> str:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    view = _view_state(name.rsplit("/", 1)[-1])
+    if view and exp.tags.get(f"mlflow.sharedViewState.{VIEW_KEY}") != view:
+        _describe(client, exp.experiment_id, name.rsplit("/", 1)[-1])  # made by older code
     return exp.experiment_id
 
 
