@@ -1,13 +1,15 @@
-"""The bounded calibration search behind the `proof-shortcut` preset (docs/synthetic-shortcut.md).
+"""The bounded calibration search behind the `proof-shortcut` preset (docs/synthetic.md).
 
-Each named setting below is the `proof-shortcut` preset with a few knobs changed (data, epochs,
-K, T, seeds). A setting runs as its own small project: a folder holding params.yaml (this
-repository's, plus a preset `search` = proof-shortcut + the setting) and links to the workflow,
-run by the real Snakemake workflow with one thread per job, then `iicrepro report`. Its retrieval
-top-1 rows are appended to OUT/search.csv with the setting's knobs, so every row says how it was made.
+Each named setting below is the `proof-shortcut` preset with a few knobs changed (colour spread,
+epochs, seeds, intra-negatives). A setting runs as its own small project: a folder holding
+params.yaml (this repository's, plus a preset `search` = proof-shortcut + the setting) and links
+to the workflow, run by the real Snakemake workflow with one thread per job, then `iicrepro
+report`. Its retrieval top-1 rows are appended to OUT/search.csv with the setting's knobs, so every
+row says how it was made; `--table` prints them as docs/synthetic.md's table.
 
     PYTHONPATH=$PWD/src PATH=$PWD/.venv/bin:$PATH \\
-        nice python scripts/shortcut_search.py OUT screen-s1.0 screen-s0.3 --cores 2
+        python scripts/shortcut_search.py OUT screen-s1.0 screen-s0.5 --cores 2
+    PYTHONPATH=$PWD/src .venv/bin/python scripts/shortcut_search.py OUT --table
 """
 
 from __future__ import annotations
@@ -26,26 +28,32 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SCREEN = {"seeds": [0], "intra_negatives": ["repeat", "none"]}
-SPREADS = ("1.0", "0.5", "0.3")
-# name -> (folder, overrides of the proof-shortcut preset). A setting's `seeds-` sibling shares
-# its folder: the screen's seed-0 runs are reused (grid lists do not decide a job's result).
-SETTINGS: dict[str, tuple[str, dict]] = {}
-for _s in SPREADS:
-    # screening, seed 0: how strong a colour shortcut still leaves motion to learn
-    SETTINGS[f"screen-s{_s}"] = (
-        f"s{_s}",
-        {"synthetic": {"shortcut": float(_s)}, "pretrain": SCREEN},
-    )
-    # the preset's seeds 0, 1, 2 and intra-negatives repeat / shuffle / none at that spread
-    SETTINGS[f"seeds-s{_s}"] = (f"s{_s}", {"synthetic": {"shortcut": float(_s)}})
-
 
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+SCREEN = {"seeds": [0], "intra_negatives": ["repeat", "none"]}
+SPREADS = ("1.0", "0.5", "0.3", "0.75")  # 0.75: added after the first three screens (below)
+# name -> (folder, overrides of the proof-shortcut preset). A setting's `seeds-` sibling shares
+# its folder: the screen's seed-0 runs are reused (grid lists do not decide a job's result).
+SETTINGS: dict[str, tuple[str, dict]] = {}
+
+
+for _s in SPREADS:
+    # screening, seed 0: how strong a colour shortcut still leaves motion to learn
+    _knobs = {"synthetic": {"shortcut": float(_s)}, "pretrain": {"epochs": 120}}
+    SETTINGS[f"screen-s{_s}"] = (f"s{_s}", _merge(_knobs, {"pretrain": SCREEN}))
+    # the preset's seeds 0, 1, 2 and intra-negatives repeat / shuffle / none at that spread
+    SETTINGS[f"seeds-s{_s}"] = (f"s{_s}", _knobs)
+# IIC's pretext was still improving at epoch 120 with s = 1.0: the declared 240-epoch step,
+# which became the preset
+_LONG = {"synthetic": {"shortcut": 1.0}, "pretrain": {"epochs": 240}}
+SETTINGS["screen-s1.0-e240"] = ("s1.0-e240", _merge(_LONG, {"pretrain": SCREEN}))
+SETTINGS["seeds-s1.0-e240"] = ("s1.0-e240", _LONG)
 
 
 def prepare(out: Path, name: str) -> tuple[Path, dict]:
@@ -159,22 +167,63 @@ def snapshots(out: Path, name: str) -> None:
         print(f"{name} {run} epoch {epoch} ({bn}): done", flush=True)
 
 
+def table(out: Path) -> str:
+    """OUT/search.csv as a markdown table: per setting and model, retrieval top-1 (mean +- std over
+    the seeds run, their count) and the pretext's end (loss / its chance, positive ranked first)."""
+    import statistics
+
+    with open(out / "search.csv") as f:
+        rows = list(csv.DictReader(f))
+    cells: dict = {}
+    for r in rows:  # a `seeds-` setting repeats its screen's rows: keep one per folder and run
+        folder = SETTINGS[r["setting"]][0]
+        cells.setdefault((folder, r["model"]), {}).setdefault(r["modality"], {})[r["seed"]] = float(
+            r["top1"]
+        )
+    lines = ["| setting | model | seeds | joint | residual | rgb | pretext loss (chance) | "
+             "positive 1st |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def cell(by_mod: dict, mod: str) -> str:
+        v = list(by_mod.get(mod, {}).values())
+        return f"{statistics.mean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
+
+    for (folder, model), by_mod in sorted(cells.items()):
+        seeds = sorted(by_mod["joint"])
+        loss = rank = "–"
+        if not model.startswith("random"):
+            finals = [json.loads((out / folder / "results" / "pretrain" / "synthetic" /
+                                  f"r3d-residual-{model}-s{s}" / "metrics.json").read_text())
+                      for s in seeds]  # fmt: skip
+            loss = f"{statistics.mean(f['final_loss'] for f in finals):.2f} ({finals[0]['chance_loss']:.2f})"
+            rank = f"{100 * statistics.mean(f['final_positive_rank1'] for f in finals):.0f} %"
+        lines.append(f"| {folder} | {model} | {','.join(seeds)} | {cell(by_mod, 'joint')} | "
+                     f"{cell(by_mod, 'residual')} | {cell(by_mod, 'rgb')} | {loss} | {rank} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("settings", nargs="+", choices=sorted(SETTINGS))
+    parser.add_argument("settings", nargs="*", help=f"of: {', '.join(sorted(SETTINGS))}")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument(
         "--snapshots",
         action="store_true",
         help="only evaluate the runs' latest checkpoints (while they run)",
     )
+    parser.add_argument("--table", action="store_true", help="print OUT/search.csv as markdown")
     args = parser.parse_args()
     out = args.out.resolve()
+    if args.table:
+        print(table(out))
+        return 0
     if args.snapshots:
         for name in args.settings:
             snapshots(out, name)
         return 0
+    unknown = set(args.settings) - set(SETTINGS)
+    if unknown:
+        parser.error(f"unknown settings {sorted(unknown)}; known: {sorted(SETTINGS)}")
     for name in args.settings:
         folder, settings = prepare(out, name)
         wall = run(folder, args.cores)
