@@ -175,12 +175,14 @@ def table(out: Path) -> str:
     with open(out / "search.csv") as f:
         rows = list(csv.DictReader(f))
     cells: dict = {}
+    labels: dict = {}
     for r in rows:  # a `seeds-` setting repeats its screen's rows: keep one per folder and run
         folder = SETTINGS[r["setting"]][0]
+        labels[folder] = f"{r['shortcut']} · {r['epochs']}"
         cells.setdefault((folder, r["model"]), {}).setdefault(r["modality"], {})[r["seed"]] = float(
             r["top1"]
         )
-    lines = ["| setting | model | seeds | joint | residual | rgb | pretext loss (chance) | "
+    lines = ["| colour spread · epochs | model | seeds | joint | residual | rgb | pretext loss (chance) | "
              "positive 1st |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def cell(by_mod: dict, mod: str) -> str:
@@ -196,7 +198,7 @@ def table(out: Path) -> str:
                       for s in seeds]  # fmt: skip
             loss = f"{statistics.mean(f['final_loss'] for f in finals):.2f} ({finals[0]['chance_loss']:.2f})"
             rank = f"{100 * statistics.mean(f['final_positive_rank1'] for f in finals):.0f} %"
-        lines.append(f"| {folder} | {model} | {','.join(seeds)} | {cell(by_mod, 'joint')} | "
+        lines.append(f"| {labels[folder]} | {model} | {','.join(seeds)} | {cell(by_mod, 'joint')} | "
                      f"{cell(by_mod, 'residual')} | {cell(by_mod, 'rgb')} | {loss} | {rank} |")  # fmt: skip
     return "\n".join(lines)
 
