@@ -42,10 +42,10 @@ test: venv sysdeps
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
-# The tests not marked slow (no workflow, Slurm, DVC or server round trips): a quick check while
-# editing; `make test` (CI) runs everything.
+# The tests not marked slow (no workflow, Slurm, DVC or server round trips), CORES at a time
+# (pytest-xdist): a quick check while editing; `make test` (CI) runs everything, one at a time.
 test-fast: venv
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" -n $(CORES)
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/snakemake --lint

@@ -34,6 +34,7 @@ def dvc_tracked(snapshot: dict[str, bytes]) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow  # a DVC / Snakemake / MLflow round trip
 def test_dvc_yaml_runs_the_snakemake_workflow_and_tracks_all_it_writes(tmp_path):
     """No second DAG: one stage runs Snakemake, and its outputs hold every file any job of any
     preset writes (from `snakemake --summary`)."""
@@ -74,6 +75,7 @@ def test_dvc_yaml_lists_every_presets_metrics_and_curves():
             assert plots[str(curves / "finetune")]["x"] == "epoch"
 
 
+@pytest.mark.slow  # a DVC / Snakemake / MLflow round trip
 def test_exp_run_set_keeps_presets_extending_each_other(tmp_path):
     """`dvc exp run -S` rewrites params.yaml; presets written with `extends:` keep their meaning
     (demo-flow still follows demo). A one-stage project reading the real params.yaml."""

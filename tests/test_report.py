@@ -246,6 +246,7 @@ def test_empty_results_still_report(tmp_path):
     assert out["plots"] == []
 
 
+@pytest.mark.slow  # a DVC / Snakemake / MLflow round trip
 def test_cli_report_syncs_pending_runs_and_logs_one_summary_run(
     results, monkeypatch, session_mlflow_uri
 ):

@@ -53,6 +53,7 @@ def bare(tmp_path_factory) -> Project:
 
 
 # ------------------------------------------------------------------------------------ the DAG
+@pytest.mark.slow  # a DVC / Snakemake / MLflow round trip
 def test_paper_dry_run_lists_the_full_grid(bare):
     files = summary_files(bare, "--config", "preset=paper")
     seed = yaml.safe_load((bare.root / "params.yaml").read_text())["pretrain"]["seeds"][0]
