@@ -1,8 +1,8 @@
 """Screenshots of the MLflow UI for docs/mlflow.md, taken in headless Chromium.
 
-Serves STORE (an MLflow SQLite file the workflow wrote to) with `mlflow server` on 127.0.0.1,
-gives its experiments the current saved views (`track.refresh_views`), and photographs, for
-PRESET:
+Serves STORE (an MLflow SQLite file the workflow wrote to) with `mlflow server` on 127.0.0.1
+(the tests' `MlflowServer`), gives its experiments the current saved views
+(`track.refresh_views`), and photographs, for PRESET:
 
 * docs/mlflow-runs-table.png: the retrieval experiment's comparison view (runs table);
 * docs/mlflow-loss-curves.png: the pretraining experiment's comparison view as charts;
@@ -21,7 +21,6 @@ import asyncio
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,25 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--window-size=1600,1000"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, timeout: float = 120) -> None:
-    import urllib.request
-
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except OSError:
-            time.sleep(1)
-    raise SystemExit(f"no answer from {url} after {timeout:.0f} s")
 
 
 async def shoot(port: int, jobs: list[tuple[Path, str, list[str]]]) -> list[str]:
@@ -111,8 +91,9 @@ async def shoot(port: int, jobs: list[tuple[Path, str, list[str]]]) -> list[str]
 
 
 def main() -> int:
-    sys.path.insert(0, str(ROOT / "src"))
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
     from mlflow import MlflowClient
+    from mlflow_server import MlflowServer, free_port
 
     from iicrepro import track
 
@@ -122,8 +103,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
 
-    uri = f"sqlite:///{args.store.resolve()}"
-    client = MlflowClient(uri)
+    client = MlflowClient(f"sqlite:///{args.store.resolve()}")
     track.refresh_views(client)
     ids = {}
     for protocol in ("pretrain", "retrieval"):
@@ -132,31 +112,19 @@ def main() -> int:
             raise SystemExit(f"{args.store} has no experiment iicrepro/{args.preset}/{protocol}")
         ids[protocol] = exp.experiment_id
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for(f"{base}/health")
+    with MlflowServer(Path(tempfile.mkdtemp()), store=args.store) as server:
         view = f"runs?viewStateShareKey={track.VIEW_KEY}"
+        page = f"{server.uri}/#/experiments"
         jobs = [
             (args.out / "mlflow-runs-table.png",
-             f"{base}/#/experiments/{ids['retrieval']}/{view}", ["joint.top1", "intra_negative"]),
+             f"{page}/{ids['retrieval']}/{view}", ["joint.top1", "intra_negative"]),
             (args.out / "mlflow-loss-curves.png",
-             f"{base}/#/experiments/{ids['pretrain']}/{view}&compareRunsMode=CHART",
-             ["loss", "positive_rank1"]),
+             f"{page}/{ids['pretrain']}/{view}&compareRunsMode=CHART", ["loss", "positive_rank1"]),
             (args.out / "mlflow-retrieval-compare.png",
-             f"{base}/#/experiments/{ids['retrieval']}/{view}&compareRunsMode=CHART",
-             ["joint.top1"]),
+             f"{page}/{ids['retrieval']}/{view}&compareRunsMode=CHART", ["joint.top1"]),
         ]  # fmt: skip
         for line in asyncio.run(shoot(free_port(), jobs)):
             print(line)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return 0
 
 

@@ -118,55 +118,6 @@ def collect(out: Path, name: str, folder: Path, settings, wall: float) -> None:
                             f"{float(row['value']):.1f}", f"{wall:.0f}"])  # fmt: skip
 
 
-def snapshots(out: Path, name: str) -> None:
-    """Retrieval top-1 of each run's latest resume checkpoint (ckpt/last.pt, written every
-    pretrain.checkpoint_every epochs) and of random init, while the runs go on: a learning curve
-    at the cost of one retrieval each. Rows go to OUT/snapshots.csv."""
-    import torch
-
-    folder = out / SETTINGS[name][0]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = sorted((folder / "results" / "pretrain" / "synthetic").glob("*"))
-    jobs = []
-    for run in runs:
-        init = torch.load(run / "init.pt", weights_only=True, map_location="cpu")
-        if run.name.endswith("repeat-s" + run.name.rsplit("-s", 1)[1]):
-            jobs += [(run.name.replace("repeat", "random"), 0, run / "init.pt", bn)
-                     for bn in ("as-initialised", "recalibrate")]  # fmt: skip
-        last = run / "ckpt" / "last.pt"
-        if not last.is_file():
-            continue
-        state = torch.load(last, weights_only=True, map_location="cpu")
-        snap = folder / "snapshots" / f"{run.name}-e{state['epoch']}.pt"
-        if not snap.exists():
-            snap.parent.mkdir(parents=True, exist_ok=True)
-            keep = {k: init[k] for k in init if k not in ("model",)}
-            torch.save({**keep, "model": state["model"]}, snap)
-        jobs.append((run.name, state["epoch"], snap, "as-initialised"))
-    path = out / "snapshots.csv"
-    done = set()
-    if path.exists():
-        with open(path) as f:
-            done = {(r["setting"], r["run"], r["epoch"], r["bn"]) for r in csv.DictReader(f)}
-    for run, epoch, ckpt, bn in jobs:
-        if (name, run, str(epoch), bn) in done:
-            continue
-        dest = folder / "snapshots" / f"{run}-e{epoch}-{bn}"
-        cmd = ["iicrepro", "retrieve", "--checkpoint", str(ckpt), "--dataset", "synthetic",
-               "--view", "residual", "--bn", bn, "--out", str(dest)]  # fmt: skip
-        subprocess.run(cmd, cwd=folder, env=env, check=True, capture_output=True)
-        rows = json.loads((dest / "metrics.json").read_text())["rows"]
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["setting", "run", "epoch", "bn", "modality", "top1"])
-            for r in rows:
-                if r["metric"] == "top1":
-                    w.writerow([name, run, epoch, bn, r["modality"], f"{r['value']:.1f}"])
-        print(f"{name} {run} epoch {epoch} ({bn}): done", flush=True)
-
-
 def table(out: Path) -> str:
     """OUT/search.csv as a markdown table: per setting and model, retrieval top-1 (mean +- std over
     the seeds run, their count) and the pretext's end (loss / its chance, positive ranked first)."""
@@ -208,20 +159,11 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("settings", nargs="*", help=f"of: {', '.join(sorted(SETTINGS))}")
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument(
-        "--snapshots",
-        action="store_true",
-        help="only evaluate the runs' latest checkpoints (while they run)",
-    )
     parser.add_argument("--table", action="store_true", help="print OUT/search.csv as markdown")
     args = parser.parse_args()
     out = args.out.resolve()
     if args.table:
         print(table(out))
-        return 0
-    if args.snapshots:
-        for name in args.settings:
-            snapshots(out, name)
         return 0
     unknown = set(args.settings) - set(SETTINGS)
     if unknown:

@@ -32,8 +32,10 @@ def answers(uri: str, timeout: float = 1.0) -> bool:
 
 
 class MlflowServer:
-    def __init__(self, folder: Path, port: int | None = None):
+    def __init__(self, folder: Path, port: int | None = None, store: Path | None = None):
+        """`store`: an existing SQLite file to serve (default: a new one in `folder`)."""
         self.folder = Path(folder)
+        self.store = Path(store) if store is not None else self.folder / "server.db"
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -46,7 +48,7 @@ class MlflowServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+            "--backend-store-uri", f"sqlite:///{self.store.resolve()}",
             "--artifacts-destination", str(self.folder / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip

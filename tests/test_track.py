@@ -291,7 +291,8 @@ def test_parent_run_per_workflow_children_per_job_and_lineage(tmp_path, store, m
         charts = view["compareRunCharts"]
         keys = [k for ch in charts for k in ch.get("selectedMetrics", [ch.get("metricKey")])]
         assert set(keys) <= logged, (keys, logged)
-        assert {col.split("`")[1] for col in view["selectedColumns"] if col.startswith("metrics.")}
+        columns = {c.split("`")[1] for c in view["selectedColumns"] if c.startswith("metrics.")}
+        assert columns and columns <= logged, (columns, logged)
         assert set(charts[0].get("selectedParams", [])) <= set(shown[0].data.params)
     assert json.loads(c.get_experiment_by_name("iicrepro/demo/pretrain").tags[
         f"mlflow.sharedViewState.{track.VIEW_KEY}"])["compareRunCharts"][0]["metricKey"] == "loss"  # fmt: skip

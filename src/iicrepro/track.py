@@ -644,9 +644,10 @@ def _experiment_id(client, name: str, db: Path | None) -> str:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
-    view = _view_state(name.rsplit("/", 1)[-1])
+    protocol = name.rsplit("/", 1)[-1]
+    view = _view_state(protocol)
     if view and exp.tags.get(f"mlflow.sharedViewState.{VIEW_KEY}") != view:
-        _describe(client, exp.experiment_id, name.rsplit("/", 1)[-1])  # made by older code
+        _describe(client, exp.experiment_id, protocol)  # made by older code
     return exp.experiment_id
 
 
