@@ -42,6 +42,7 @@ import os
 import re
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -320,6 +321,22 @@ def job_counts(dry_run: str) -> dict[str, int]:
     return counts
 
 
+def _let_snakemake_stop(proc: subprocess.Popen) -> None:
+    """After Ctrl-C: Snakemake, in the same process group, got it too and stops its jobs; give it
+    the signal when only this process got it, and keep the mirror up until it has exited."""
+    try:
+        out, _ = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    sys.stdout.write(out or "")
+    sys.stdout.flush()
+
+
 def run(settings: Any, preset: str, cores: int, extra: list[str], build_s: float = 0.0) -> int:
     """Serve the mirror and run the whole workflow; record wall time and jobs per rule."""
     from iicrepro import layout
@@ -331,12 +348,21 @@ def run(settings: Any, preset: str, cores: int, extra: list[str], build_s: float
     started, lines = time.monotonic(), []
     # Snakemake's output passes through (and is kept for its 'Job stats' table).
     pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, "bufsize": 1}
+    interrupted = False
     with Mirror(mirror_folder(settings), host, port), subprocess.Popen(cmd, **pipe) as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            lines.append(line)
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                lines.append(line)
+        except KeyboardInterrupt:
+            interrupted = True
+            _let_snakemake_stop(proc)
     wall = time.monotonic() - started
+    if interrupted:
+        print(f"rehearsal: interrupted after {wall / 60:.1f} min; the mirror is stopped. Finished "
+              "jobs are kept: run it again to go on from there.")  # fmt: skip
+        return 130
     used = resource.getrusage(resource.RUSAGE_CHILDREN)  # Snakemake and every job it waited for
     record = {
         "preset": preset,
