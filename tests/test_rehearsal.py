@@ -252,3 +252,28 @@ def test_rehearsal_is_the_paper_grid_with_only_sizes_changed():
     }  # fmt: skip
     diff = {k for k in changed(dict(toy), dict(paper)) if not k.startswith("presets.")}
     assert diff <= allowed, sorted(diff - allowed)
+
+
+@pytest.mark.parametrize("child_got_it", [True, False])
+def test_after_ctrl_c_snakemake_is_stopped_and_its_last_words_shown(child_got_it, capsys):
+    """Ctrl-C in a terminal reaches Snakemake too; a signal sent to the rehearsal alone is
+    forwarded, and the mirror is only stopped once Snakemake has exited."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import signal, sys, time\n"
+        "def stop(*_):\n"
+        "    print('Terminating processes on user request'); sys.exit(130)\n"
+        "signal.signal(signal.SIGINT, stop)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    if child_got_it:
+        proc.send_signal(signal.SIGINT)
+    rehearsal._let_snakemake_stop(proc, grace=1.0)
+    assert proc.returncode == 130
+    assert "Terminating processes on user request" in capsys.readouterr().out

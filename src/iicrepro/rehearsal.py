@@ -321,11 +321,11 @@ def job_counts(dry_run: str) -> dict[str, int]:
     return counts
 
 
-def _let_snakemake_stop(proc: subprocess.Popen) -> None:
+def _let_snakemake_stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """After Ctrl-C: Snakemake, in the same process group, got it too and stops its jobs; give it
     the signal when only this process got it, and keep the mirror up until it has exited."""
     try:
-        out, _ = proc.communicate(timeout=10)
+        out, _ = proc.communicate(timeout=grace)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGINT)
         try:
