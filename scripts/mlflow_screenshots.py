@@ -46,6 +46,7 @@ async def shoot(port: int, jobs: list[tuple[Path, str, list[str]]]) -> list[str]
     report = []
     try:
         async with aiohttp.ClientSession() as http:
+            pages = []
             for _ in range(120):
                 try:
                     async with http.get(f"http://127.0.0.1:{port}/json") as r:
@@ -55,6 +56,9 @@ async def shoot(port: int, jobs: list[tuple[Path, str, list[str]]]) -> list[str]
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(1)
+            if not pages:
+                raise SystemExit("Chromium opened no page in 120 s (is it installed? apt-get "
+                                 "install chromium)")  # fmt: skip
             ws = await http.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0)
             counter = 0
 
